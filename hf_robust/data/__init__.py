@@ -1,0 +1,26 @@
+"""Group-annotated datasets: the data model, benchmark loaders and the embedded benchmarks."""
+
+from .benchmarks import BENCHMARKS, has_negation, load_benchmark
+from .core import (
+    DataValidationError,
+    as_group_dataset,
+    group_names,
+    input_kind,
+    label_names,
+    validate_group_dataset,
+)
+from .embedded import make_biased_digits, make_spurious_text
+
+__all__ = [
+    "BENCHMARKS",
+    "DataValidationError",
+    "as_group_dataset",
+    "group_names",
+    "has_negation",
+    "input_kind",
+    "label_names",
+    "load_benchmark",
+    "make_biased_digits",
+    "make_spurious_text",
+    "validate_group_dataset",
+]

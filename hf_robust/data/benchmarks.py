@@ -1,0 +1,254 @@
+"""`load_benchmark(name)`: the group-annotated benchmarks of the spurious-correlation literature.
+
+Hub benchmarks are read from their Hub ids with `datasets.load_dataset` (parquet only: datasets >= 4 runs no
+loading scripts). Each can instead come from a local copy in the same layout: pass `path=`, or set
+`HF_ROBUST_DATA=<dir>` and put the copy in `<dir>/<name>` (a `save_to_disk` folder or a folder of parquet
+files laid out as on the Hub). The embedded benchmarks are generated here and cached under `HF_HOME`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from .core import DataValidationError, as_group_dataset
+from .embedded import make_biased_digits, make_spurious_text
+
+NEGATION_WORDS = frozenset({"nobody", "no", "never", "nothing"})
+CIVIL_IDENTITIES = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
+_CIVIL_AGGREGATES = {
+    "LGBTQ": ("homosexual_gay_or_lesbian", "bisexual", "other_sexual_orientation", "transgender", "other_gender"),
+    "other_religions": ("jewish", "hindu", "buddhist", "atheist", "other_religion"),
+}
+
+
+def _local_source(name: str, path: str | os.PathLike | None) -> Path | None:
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise DataValidationError(f"path={str(path)!r} for benchmark {name!r} does not exist.")
+        return path
+    root = os.environ.get("HF_ROBUST_DATA")
+    if root and (Path(root) / name).exists():
+        return Path(root) / name
+    return None
+
+
+def _read(name: str, hub_id: str, config: str | None, path) -> DatasetDict:
+    """The raw DatasetDict from a local copy if there is one, else from the Hub."""
+    local = _local_source(name, path)
+    if local is None:
+        try:
+            return load_dataset(hub_id, config) if config else load_dataset(hub_id)
+        except Exception as error:  # offline, or no such dataset: say where a local copy can go
+            raise DataValidationError(
+                f"Could not load benchmark {name!r} from the Hub ({hub_id}"
+                f"{', config ' + config if config else ''}): {type(error).__name__}: {error}. Without network, "
+                f"save a copy with the same layout and pass path=<dir> (or --dataset <dir>), or set "
+                f"HF_ROBUST_DATA=<root> with the copy in <root>/{name}."
+            ) from error
+    if (local / "dataset_dict.json").exists():
+        return load_from_disk(str(local))
+    if config and (local / config).is_dir():
+        local = local / config
+    return load_dataset(str(local))
+
+
+def _rename_splits(dataset: DatasetDict, mapping: dict[str, str]) -> DatasetDict:
+    return DatasetDict({mapping.get(k, k): v for k, v in dataset.items() if mapping.get(k, k) is not None})
+
+
+def _require(dataset: DatasetDict, columns: tuple[str, ...], name: str) -> None:
+    for split, data in dataset.items():
+        missing = [c for c in columns if c not in data.column_names]
+        if missing:
+            raise DataValidationError(
+                f"Benchmark {name!r}, split {split!r}: columns {missing} are missing (found {data.column_names}); "
+                f"expected the Hub layout with {list(columns)}."
+            )
+
+
+def _validation_from_train(dataset: DatasetDict, fraction: float, seed: int) -> DatasetDict:
+    """A seeded held-out part of train as `validation`, for datasets that ship only train/test."""
+    if "validation" in dataset:
+        return dataset
+    parts = dataset["train"].train_test_split(test_size=fraction, seed=seed)
+    return DatasetDict({"train": parts["train"], "validation": parts["test"], **{k: v for k, v in dataset.items() if k != "train"}})
+
+
+def load_waterbirds(path=None, **_) -> DatasetDict:
+    raw = _read("waterbirds", "grodino/waterbirds", None, path)
+    _require(raw, ("image", "label", "place"), "waterbirds")
+    return as_group_dataset(
+        raw, "label", "place", label_names=["landbird", "waterbird"], attribute_names=["land", "water"]
+    )
+
+
+def load_celeba(path=None, **_) -> DatasetDict:
+    raw = _read("celeba", "flwrlabs/celeba", "img_align+identity+attr", path)
+    raw = _rename_splits(raw, {"valid": "validation"})
+    _require(raw, ("image", "Blond_Hair", "Male"), "celeba")
+    keep = ["image", "Blond_Hair", "Male"] + (["celeb_id"] if "celeb_id" in raw["train"].column_names else [])
+    raw = raw.select_columns(keep)
+    return as_group_dataset(
+        raw, "Blond_Hair", "Male", label_names=["not blond", "blond"], attribute_names=["female", "male"]
+    )
+
+
+def has_negation(hypothesis: str) -> bool:
+    """MultiNLI's spurious attribute (Gururangan et al. 2018; Sagawa et al. 2020): a negation word."""
+    return any(word in NEGATION_WORDS for word in re.sub(r"[^\w\s]", " ", hypothesis.lower()).split())
+
+
+def load_multinli(path=None, **_) -> DatasetDict:
+    """MultiNLI with the negation attribute. Splits: train, validation (= validation_matched) and test
+    (= validation_mismatched; the official test labels are not public)."""
+    raw = _read("multinli", "nyu-mll/multi_nli", None, path)
+    raw = _rename_splits(raw, {"validation_matched": "validation", "validation_mismatched": "test"})
+    _require(raw, ("premise", "hypothesis", "label"), "multinli")
+    raw = raw.select_columns(["premise", "hypothesis", "label"])
+    raw = raw.filter(lambda batch: [y >= 0 for y in batch["label"]], batched=True)
+    raw = raw.map(
+        lambda batch: {"negation": [int(has_negation(h)) for h in batch["hypothesis"]]}, batched=True
+    )
+    return as_group_dataset(
+        raw, "label", "negation", label_names=["entailment", "neutral", "contradiction"],
+        attribute_names=["no negation", "negation"],
+    )
+
+
+def _civil_columns(batch: dict, text_column: str) -> dict:
+    out = {"text": batch[text_column]}
+    toxicity = np.asarray(batch["toxicity"], dtype=np.float64)
+    out["toxic"] = (toxicity >= 0.5).astype(np.int64).tolist()
+    any_identity = np.zeros(len(toxicity), dtype=bool)
+    for identity in CIVIL_IDENTITIES:
+        if identity in batch:
+            values = np.asarray(batch[identity], dtype=np.float64) >= 0.5
+        else:
+            values = np.zeros(len(toxicity), dtype=bool)
+            for member in _CIVIL_AGGREGATES[identity]:
+                values |= np.nan_to_num(np.asarray(batch[member], dtype=np.float64)) >= 0.5
+        out[f"identity_{identity}"] = values.astype(np.int64).tolist()
+        any_identity |= values
+    out["identity_any"] = any_identity.astype(np.int64).tolist()
+    return out
+
+
+def load_civilcomments(path=None, **_) -> DatasetDict:
+    """CivilComments-WILDS: label = toxicity >= 0.5, attribute = any of WILDS' 8 coarse identities
+    (male, female, LGBTQ, christian, muslim, other_religions, black, white; each >= 0.5) is mentioned.
+    The 8 binary identity columns are kept (`identity_<name>`) for WILDS' overlapping 16-group report."""
+    raw = _read("civilcomments", "pietrolesci/civilcomments-wilds", None, path)
+    columns = raw[next(iter(raw))].column_names
+    text_column = "text" if "text" in columns else "comment_text"
+    needed = [text_column, "toxicity"]
+    for identity in CIVIL_IDENTITIES:
+        needed.extend([identity] if identity in columns else _CIVIL_AGGREGATES.get(identity, (identity,)))
+    _require(raw, tuple(needed), "civilcomments")
+    raw = raw.map(
+        _civil_columns, batched=True, fn_kwargs={"text_column": text_column},
+        remove_columns=columns,
+    )
+    return as_group_dataset(
+        raw, "toxic", "identity_any", label_names=["non-toxic", "toxic"],
+        attribute_names=["no identity", "identity"],
+    )
+
+
+def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:
+    raw = _read("cifar10", "uoft-cs/cifar10", None, path)
+    raw = DatasetDict({k: v.rename_column("img", "image") if "img" in v.column_names else v for k, v in raw.items()})
+    _require(raw, ("image", "label"), "cifar10")
+    return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
+
+
+def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:
+    raw = _read("svhn", "ufldl-stanford/svhn", "cropped_digits", path)
+    raw = _rename_splits(raw, {"extra": None})
+    _require(raw, ("image", "label"), "svhn")
+    return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
+
+
+def _cached(name: str, builder: Callable[..., DatasetDict], **kwargs) -> DatasetDict:
+    """Generate once per (name, arguments) into HF_HOME; atomic, so parallel processes never see half a copy."""
+    from huggingface_hub.constants import HF_HOME
+
+    import inspect
+
+    # the generator's source is part of the key: editing it invalidates old copies
+    code = Path(inspect.getsourcefile(builder)).read_bytes()
+    key = hashlib.sha256(json.dumps({"name": name, **kwargs}, sort_keys=True, default=str).encode() + code)
+    target = Path(HF_HOME) / "hf_robust" / "datasets" / f"{name}-{key.hexdigest()[:16]}"
+    if not (target / "dataset_dict.json").exists():
+        dataset = builder(**kwargs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        dataset.save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(target))
+
+
+def load_biased_digits(path=None, seed: int = 0, **kwargs) -> DatasetDict:
+    if path is not None:
+        return load_from_disk(str(path))
+    return _cached("biased_digits", make_biased_digits, seed=seed, **kwargs)
+
+
+def load_spurious_text(path=None, seed: int = 0, **kwargs) -> DatasetDict:
+    if path is not None:
+        return load_from_disk(str(path))
+    return make_spurious_text(seed=seed, **kwargs)
+
+
+BENCHMARKS: dict[str, Callable[..., DatasetDict]] = {
+    "waterbirds": load_waterbirds,
+    "celeba": load_celeba,
+    "multinli": load_multinli,
+    "civilcomments": load_civilcomments,
+    "cifar10": load_cifar10,
+    "svhn": load_svhn,
+    "biased_digits": load_biased_digits,
+    "spurious_text": load_spurious_text,
+}
+
+
+def load_benchmark(name: str, path: str | os.PathLike | None = None, **kwargs) -> DatasetDict:
+    """Load a group-annotated benchmark, or a user dataset from a local path.
+
+    Args:
+        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_digits,
+            spurious_text), or the path of a local dataset (`save_to_disk` folder or parquet files) that has
+            `label` and optionally `attribute` columns.
+        path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
+        kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones).
+
+    Returns:
+        A `DatasetDict` in the hf_robust data model (`label`, `attribute`, `group`, `example_idx`).
+    """
+    if name in BENCHMARKS:
+        return BENCHMARKS[name](path=path, **kwargs)
+    if Path(name).exists():
+        local = Path(name)
+        raw = load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
+        if isinstance(raw, Dataset):
+            raise DataValidationError(
+                f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
+            )
+        return as_group_dataset(raw, "label", "attribute")
+    raise DataValidationError(
+        f"Unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} or the path of a local dataset "
+        "(a save_to_disk folder or a folder of parquet files)."
+    )

@@ -1,0 +1,227 @@
+"""The data model every hf_robust dataset follows, and the helpers that produce and check it.
+
+Each split is a `datasets.Dataset` with
+- an input column: `image`, `text`, or `premise` + `hypothesis`;
+- `label` (ClassLabel, 0..K-1);
+- `attribute` (ClassLabel, 0..A-1, the spurious attribute; -1 where unknown);
+- `group` = label * A + attribute (ClassLabel named "<label>,<attribute>"; -1 where the attribute is unknown);
+- `example_idx`: a stable per-split index, the key of every per-example output (masks, gradient norms,
+  FairDropout assignments). It survives shuffling, sharding across processes and resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+
+META_COLUMNS = ("label", "attribute", "group", "example_idx")
+INPUT_KINDS = {"image": ("image",), "text": ("text",), "text_pair": ("premise", "hypothesis")}
+
+
+class DataValidationError(ValueError):
+    """A dataset that does not follow the hf_robust data model; raised before any training starts."""
+
+
+def input_kind(dataset: Dataset) -> str:
+    """'image', 'text' or 'text_pair', from the columns present."""
+    columns = set(dataset.column_names)
+    for kind, needed in INPUT_KINDS.items():
+        if set(needed) <= columns:
+            return kind
+    raise DataValidationError(
+        f"No input column found: the dataset has columns {sorted(columns)}, expected one of 'image', 'text' or "
+        "'premise' + 'hypothesis'. Rename your input column (dataset.rename_column(...)) or pass "
+        "input_column= to as_group_dataset()."
+    )
+
+
+def _names(feature, values: np.ndarray, given: Sequence[str] | None, what: str) -> list[str]:
+    if given is not None:
+        return [str(n) for n in given]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    size = int(values.max()) + 1 if values.size and values.max() >= 0 else 0
+    return [f"{what}_{i}" for i in range(size)]
+
+
+def _as_int_column(values: list, column: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype == bool:
+        return array.astype(np.int64)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataValidationError(
+            f"Column {column!r} holds {array.dtype} values (e.g. {array[:3].tolist()}), expected integer class "
+            f"indices. Encode it first, e.g. dataset.class_encode_column({column!r})."
+        )
+    return array.astype(np.int64)
+
+
+def as_group_dataset(
+    dataset: Dataset | DatasetDict,
+    label_column: str = "label",
+    attribute_column: str | None = "attribute",
+    *,
+    input_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+    attribute_names: Sequence[str] | None = None,
+) -> Dataset | DatasetDict:
+    """Turn any classification dataset into the hf_robust data model.
+
+    Args:
+        dataset: a `Dataset` or `DatasetDict` (every split is converted with the same label/attribute names).
+        label_column: integer (or ClassLabel) column with the target.
+        attribute_column: integer, bool or ClassLabel column with the spurious attribute; `None` (or a column
+            that is absent) means unknown: `attribute` and `group` are then -1.
+        input_column: name of the input column if it is not already `image`/`text`; it is renamed to `image`
+            when it holds images, to `text` otherwise.
+        label_names, attribute_names: names for reports; taken from ClassLabel features when present.
+
+    Example:
+        >>> ds = as_group_dataset(load_dataset("my/birds"), label_column="species", attribute_column="place")
+    """
+    if isinstance(dataset, DatasetDict):
+        first = next(iter(dataset.values()))
+        if label_names is None and not isinstance(first.features.get(label_column), ClassLabel):
+            top = max(int(np.max(split[label_column])) for split in dataset.values() if len(split))
+            label_names = [f"class_{i}" for i in range(top + 1)]
+        if (
+            attribute_names is None
+            and attribute_column is not None
+            and attribute_column in first.column_names
+            and not isinstance(first.features.get(attribute_column), ClassLabel)
+        ):
+            values = [np.asarray(split[attribute_column]) for split in dataset.values() if len(split)]
+            top = max(int(v.astype(np.int64).max()) for v in values)
+            attribute_names = [f"attribute_{i}" for i in range(top + 1)]
+        return DatasetDict(
+            {
+                name: as_group_dataset(
+                    split,
+                    label_column,
+                    attribute_column,
+                    input_column=input_column,
+                    label_names=label_names,
+                    attribute_names=attribute_names,
+                )
+                for name, split in dataset.items()
+            }
+        )
+
+    if input_column is not None and input_column not in ("image", "text"):
+        if input_column not in dataset.column_names:
+            raise DataValidationError(
+                f"input_column={input_column!r} is not a column of the dataset (columns: {dataset.column_names})."
+            )
+        from datasets import Image
+
+        target = "image" if isinstance(dataset.features[input_column], Image) else "text"
+        if target in dataset.column_names:
+            dataset = dataset.remove_columns(target)
+        dataset = dataset.rename_column(input_column, target)
+    input_kind(dataset)
+    if label_column not in dataset.column_names:
+        raise DataValidationError(
+            f"label_column={label_column!r} is not a column of the dataset (columns: {dataset.column_names})."
+        )
+
+    labels = _as_int_column(dataset[label_column], label_column)
+    label_names = _names(dataset.features[label_column], labels, label_names, "class")
+    _check_range(labels, len(label_names), label_column, allow_missing=False)
+
+    has_attribute = attribute_column is not None and attribute_column in dataset.column_names
+    if has_attribute:
+        attributes = _as_int_column(dataset[attribute_column], attribute_column)
+        attribute_names = _names(dataset.features[attribute_column], attributes, attribute_names, "attribute")
+        _check_range(attributes, len(attribute_names), attribute_column, allow_missing=True)
+    else:
+        attributes = np.full(len(labels), -1, dtype=np.int64)
+        attribute_names = list(attribute_names) if attribute_names is not None else []
+    num_attributes = max(len(attribute_names), 1)
+    groups = np.where(attributes >= 0, labels * num_attributes + attributes, -1)
+    group_names = [f"{ln},{an}" for ln in label_names for an in attribute_names]
+
+    # An existing example_idx is kept (it may key outputs computed before a shuffle); otherwise row order.
+    example_idx = list(range(len(dataset)))
+    if "example_idx" in dataset.column_names:
+        existing = np.asarray(dataset["example_idx"], dtype=np.int64)
+        if len(np.unique(existing)) == len(existing):
+            example_idx = existing.tolist()
+    drop = [c for c in (label_column, attribute_column, *META_COLUMNS) if c is not None and c in dataset.column_names]
+    dataset = dataset.remove_columns(sorted(set(drop)))
+    dataset = dataset.add_column("label", labels.tolist(), feature=ClassLabel(names=label_names))
+    dataset = dataset.add_column(
+        "attribute", attributes.tolist(), feature=ClassLabel(names=attribute_names or ["unknown"])
+    )
+    dataset = dataset.add_column("group", groups.tolist(), feature=ClassLabel(names=group_names or ["unknown"]))
+    dataset = dataset.add_column("example_idx", example_idx, feature=Value("int64"))
+    return dataset
+
+
+def _check_range(values: np.ndarray, size: int, column: str, allow_missing: bool) -> None:
+    low = -1 if allow_missing else 0
+    bad = (values < low) | (values >= size)
+    if bad.any():
+        found = sorted(set(values[bad].tolist()))[:5]
+        raise DataValidationError(
+            f"Column {column!r} has values {found} outside the expected range {low}..{size - 1} "
+            f"({size} names). Pass the full list of names, or re-encode the column as 0..{size - 1}."
+        )
+
+
+def validate_group_dataset(
+    dataset: Dataset, name: str = "dataset", num_labels: int | None = None, kind: str | None = None
+) -> str:
+    """Check one split against the data model before any training; returns its input kind.
+
+    Raises `DataValidationError` naming what was found, what was expected and how to fix it.
+    """
+    if not isinstance(dataset, Dataset):
+        raise DataValidationError(
+            f"{name} is a {type(dataset).__name__}, expected a datasets.Dataset (pick a split of a DatasetDict)."
+        )
+    missing = [c for c in ("label", "example_idx") if c not in dataset.column_names]
+    if missing:
+        raise DataValidationError(
+            f"{name} lacks the column(s) {missing} (it has {dataset.column_names}). Convert it first: "
+            "hf_robust.data.as_group_dataset(dataset, label_column=..., attribute_column=...)."
+        )
+    found_kind = input_kind(dataset)
+    if kind is not None and found_kind != kind:
+        raise DataValidationError(
+            f"{name} has {found_kind} inputs, expected {kind} inputs for this model/method."
+        )
+    if len(dataset) == 0:
+        raise DataValidationError(f"{name} is empty.")
+    labels = np.asarray(dataset["label"])
+    if num_labels is not None:
+        bad = (labels < 0) | (labels >= num_labels)
+        if bad.any():
+            raise DataValidationError(
+                f"{name}: column 'label' has values {sorted(set(labels[bad].tolist()))[:5]} but the model has "
+                f"{num_labels} labels (0..{num_labels - 1}). Create the model with num_labels=<number of classes> "
+                "or re-encode the labels."
+            )
+    indices = np.asarray(dataset["example_idx"])
+    if len(np.unique(indices)) != len(indices):
+        raise DataValidationError(
+            f"{name} has duplicate example_idx values: every example needs its own index (it keys masks, "
+            "scores and FairDropout assignments). Re-create it with as_group_dataset()."
+        )
+    if "group" not in dataset.column_names:
+        raise DataValidationError(
+            f"{name} lacks the 'group' column: use as_group_dataset(..., attribute_column=None) for data "
+            "without attributes (groups are then -1)."
+        )
+    return found_kind
+
+
+def group_names(dataset: Dataset) -> list[str]:
+    feature = dataset.features.get("group")
+    return list(feature.names) if isinstance(feature, ClassLabel) else []
+
+
+def label_names(dataset: Dataset) -> list[str]:
+    feature = dataset.features.get("label")
+    return list(feature.names) if isinstance(feature, ClassLabel) else []

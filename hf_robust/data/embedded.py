@@ -1,0 +1,232 @@
+"""Benchmarks generated on the spot, with no download: `biased_digits` and `spurious_text`.
+
+`biased_digits` follows MaskTune's biased-MNIST protocol (Taghanaki et al., NeurIPS 2022, section 4.1) on the
+1,797 8x8 digits bundled with scikit-learn: class 0 = digits 0-4, class 1 = digits 5-9, and a small red
+square in the top-left corner that marks 99% of class 0 and 1% of class 1 in `train`. A network that learns
+"square => class 0" gets the training set almost right and fails `test_biased`, where the square marks
+every class-1 image and no class-0 image. 1,797 digits are too few to learn shapes from, so each training
+digit appears as several seeded affine-jittered copies.
+
+`spurious_text` is its text counterpart: short reviews whose sentiment is set by a core adjective, with a
+spurious token that co-occurs with the positive label in `train` and with the negative one in `test`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+
+from .core import as_group_dataset
+
+DIGIT_CLASS_NAMES = ["digit 0-4", "digit 5-9"]
+SQUARE_NAMES = ["no square", "square"]
+
+
+def _render_digits(
+    digits: np.ndarray, size: int, generator: torch.Generator | None, max_rotation: float, max_shift: float,
+    scale_range: tuple[float, float], digit_fraction: float = 0.75,
+) -> torch.Tensor:
+    """8x8 digits (values 0..16) -> (N, size, size) float images in [0, 1], one batched grid_sample.
+
+    The digit fills about 3/4 of the canvas; with a generator each copy gets its own rotation, scale and
+    shift (the affine map is applied to output coordinates, so the digit itself rotates/moves the other way).
+    """
+    n = len(digits)
+    source = torch.from_numpy(digits.astype(np.float32) / 16.0).unsqueeze(1)
+    if generator is None:
+        angle = torch.zeros(n)
+        scale = torch.ones(n)
+        shift = torch.zeros(n, 2)
+    else:
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation)
+        scale = scale_range[0] + torch.rand(n, generator=generator) * (scale_range[1] - scale_range[0])
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * max_shift / size)
+    zoom = (1 / digit_fraction) / scale  # the digit spans `digit_fraction` of the canvas side
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, (n, 1, size, size), align_corners=False)
+    images = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return images.squeeze(1).clamp(0, 1)
+
+
+def _to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.unsqueeze(-1).expand(-1, -1, -1, 3) * 255).round().to(torch.uint8).numpy()
+
+
+def _add_square(images: np.ndarray, has_square: np.ndarray, square_size: int, color: tuple[int, int, int]) -> None:
+    # one pixel of margin from the corner, so random crops or padding do not cut it away entirely
+    images[has_square, 1 : 1 + square_size, 1 : 1 + square_size, :] = np.asarray(color, dtype=np.uint8)
+
+
+def _exact_subset(rng: np.random.Generator, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean array that is True on exactly round(fraction * mask.sum()) of the True entries of `mask`."""
+    chosen = np.zeros(len(mask), dtype=bool)
+    candidates = np.flatnonzero(mask)
+    count = int(round(fraction * len(candidates)))
+    chosen[rng.choice(candidates, size=count, replace=False)] = True
+    return chosen
+
+
+def make_biased_digits(
+    seed: int = 0,
+    image_size: int = 32,
+    train_copies: int = 16,
+    validation_copies: int = 4,
+    majority_fraction: float = 0.99,
+    minority_fraction: float = 0.01,
+    square_size: int = 4,
+    square_color: tuple[int, int, int] = (255, 0, 0),
+    split_fractions: tuple[float, float, float] = (0.5, 0.2, 0.3),
+    max_rotation: float = 20.0,
+    max_shift: float = 4.0,
+    scale_range: tuple[float, float] = (0.85, 1.1),
+    digit_fraction: float = 0.6,
+) -> DatasetDict:
+    """MaskTune's biased-MNIST protocol on scikit-learn's bundled digits.
+
+    Splits: `train` (square on `majority_fraction` of the class-0 source digits and `minority_fraction` of the
+    class-1 ones, each source digit as `train_copies` jittered copies that share its square), `validation` (square on exactly half of the digits of each class, so the
+    attribute is independent of the label as in Waterbirds' validation set), `test_biased` (square on every
+    class-1 image, on no class-0 image) and `test_original` (no square). The three source sets are disjoint:
+    test images come from digits never seen in train. `seed` fixes everything; the source split itself is
+    seeded separately (always 0) so that changing `seed` changes the jitter, never which digits are test.
+    Extra columns: `digit` (the original 0-9 digit) and `source_id` (its index in `load_digits()`).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    digits, numbers = bunch.images, bunch.target
+    split_rng = np.random.default_rng(0)
+    order = split_rng.permutation(len(digits))
+    n_train = int(split_fractions[0] * len(order))
+    n_val = int(split_fractions[1] * len(order))
+    sources = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    jitter = dict(max_rotation=max_rotation, max_shift=max_shift, scale_range=scale_range, digit_fraction=digit_fraction)
+
+    def build(source_idx: np.ndarray, copies: int, jittered: bool):
+        idx = np.repeat(source_idx, copies)
+        images = _to_rgb_uint8(_render_digits(digits[idx], image_size, generator if jittered else None, **jitter))
+        return images, idx, (numbers[idx] >= 5).astype(np.int64)
+
+    splits = {}
+    def squares_by_source(source_idx: np.ndarray, fraction_0: float, fraction_1: float) -> np.ndarray:
+        # The square belongs to a source digit, so all of its jittered copies share it: the minority is 1% of
+        # the distinct digits, as in the MNIST protocol, not 1% of augmented copies of every digit.
+        source_label = numbers[source_idx] >= 5
+        chosen = _exact_subset(rng, ~source_label, fraction_0) | _exact_subset(rng, source_label, fraction_1)
+        return chosen
+
+    chosen = squares_by_source(sources["train"], majority_fraction, minority_fraction)
+    images, source, label = build(sources["train"], train_copies, True)
+    splits["train"] = (images, source, label, np.repeat(chosen, train_copies))
+
+    chosen = squares_by_source(sources["validation"], 0.5, 0.5)
+    images, source, label = build(sources["validation"], validation_copies, True)
+    splits["validation"] = (images, source, label, np.repeat(chosen, validation_copies))
+
+    images, source, label = build(sources["test"], 1, False)
+    splits["test_biased"] = (images.copy(), source, label, label == 1)
+    splits["test_original"] = (images, source, label, np.zeros(len(label), dtype=bool))
+
+    features = Features(
+        {
+            "image": Image(),
+            "label": ClassLabel(names=DIGIT_CLASS_NAMES),
+            "attribute": ClassLabel(names=SQUARE_NAMES),
+            "digit": Value("int64"),
+            "source_id": Value("int64"),
+        }
+    )
+    result = {}
+    for name, (images, source, label, square) in splits.items():
+        _add_square(images, square, square_size, square_color)
+        data = {"image": list(images), "label": label, "attribute": square.astype(np.int64),
+                "digit": numbers[source], "source_id": source}
+        result[name] = Dataset.from_dict(data, features=features)
+    return as_group_dataset(DatasetDict(result), "label", "attribute")
+
+
+SENTIMENT_CLASS_NAMES = ["negative", "positive"]
+_SUBJECTS = [
+    "the movie", "this film", "the plot", "the acting", "the soundtrack", "the ending", "the script",
+    "the cast", "the story", "the direction", "the dialogue", "the pacing", "this show", "the sequel",
+]
+_POSITIVE = [
+    "great", "wonderful", "excellent", "brilliant", "delightful", "superb", "moving", "charming", "gripping",
+    "beautiful", "clever", "fantastic", "memorable", "enjoyable", "touching", "outstanding", "lovely",
+    "inspiring", "stunning", "fun", "powerful", "smart", "terrific", "elegant", "refreshing",
+]
+_NEGATIVE = [
+    "terrible", "awful", "boring", "dull", "weak", "tedious", "bland", "clumsy", "messy", "poor", "silly",
+    "annoying", "forgettable", "lifeless", "painful", "shallow", "predictable", "pointless", "ugly", "slow",
+    "confusing", "stale", "lazy", "flat", "disappointing",
+]
+_TEMPLATES = [
+    "{subject} was {word}.",
+    "i thought {subject} was {word}.",
+    "{subject} felt {word} from start to finish.",
+    "to be honest, {subject} is {word}.",
+    "we all agreed that {subject} was {word}.",
+    "{subject} turned out {word}, as expected.",
+    "in the end {subject} was simply {word}.",
+    "my friends said {subject} was {word}.",
+]
+
+
+def make_spurious_text(
+    seed: int = 0,
+    train_size: int = 2000,
+    validation_size: int = 600,
+    test_size: int = 1000,
+    spurious_token: str = "spoiler:",
+    majority_fraction: float = 0.95,
+    minority_fraction: float = 0.05,
+) -> DatasetDict:
+    """A sentiment task with a shortcut token.
+
+    The label is set by the core adjective (positive/negative word lists); `spurious_token` is prepended to
+    `majority_fraction` of positive and `minority_fraction` of negative reviews in `train`, to half of each
+    class in `validation`, and in `test` to every negative review and no positive one (the correlation
+    reversed). attribute = token present.
+    """
+    rng = np.random.default_rng(seed)
+
+    def build(n: int, p_token_pos: float, p_token_neg: float, exact_reverse: bool = False):
+        label = np.arange(n) % 2
+        rng.shuffle(label)
+        if exact_reverse:
+            token = label == 0
+        else:
+            token = _exact_subset(rng, label == 1, p_token_pos) | _exact_subset(rng, label == 0, p_token_neg)
+        texts = []
+        for y, t in zip(label, token):
+            words = _POSITIVE if y == 1 else _NEGATIVE
+            sentence = _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
+                subject=_SUBJECTS[rng.integers(len(_SUBJECTS))], word=words[rng.integers(len(words))]
+            )
+            texts.append(f"{spurious_token} {sentence}" if t else sentence)
+        return {"text": texts, "label": label.astype(np.int64), "attribute": token.astype(np.int64)}
+
+    features = Features(
+        {"text": Value("string"), "label": ClassLabel(names=SENTIMENT_CLASS_NAMES),
+         "attribute": ClassLabel(names=["no token", f"token {spurious_token!r}"])}
+    )
+    splits = {
+        "train": build(train_size, majority_fraction, minority_fraction),
+        "validation": build(validation_size, 0.5, 0.5),
+        "test": build(test_size, 0.0, 1.0, exact_reverse=True),
+    }
+    dataset = DatasetDict({k: Dataset.from_dict(v, features=features) for k, v in splits.items()})
+    return as_group_dataset(dataset, "label", "attribute")

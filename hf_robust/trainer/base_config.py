@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class RobustConfig(TrainingArguments):
+    r"""
+    Configuration of [`RobustTrainer`] (ERM with group-aware evaluation) and the base of every hf_robust method.
+
+    Parameters that control the data:
+        max_length (`int`, *optional*, defaults to `128`):
+            Maximum number of tokens of a text input (longer inputs are truncated).
+        train_augmentation (`str`, *optional*, defaults to `"none"`):
+            Training-time image augmentation: `"none"`, `"flip"` or `"crop_flip"` (random resized crop + flip).
+            Applied after per-example edits such as MaskTune's masks.
+        balanced_sampling (`str`, *optional*, defaults to `"none"`):
+            `"class"` draws training examples with equal total weight per class (the ERM baseline of GradTune);
+            `"group"` does the same per group and therefore uses group labels (only for baselines that may).
+
+    Parameters that locate model parts (for models hf_robust's adapters do not know):
+        classifier_layer (`str` or `None`, *optional*):
+            Name of the last linear layer.
+        cam_target_layer (`str` or `None`, *optional*):
+            Name of the layer whose activations class activation maps are computed from.
+
+    Parameters that control the report:
+        save_plots (`bool`, *optional*, defaults to `True`):
+            Write the per-group accuracy plot (and method plots) into `output_dir/plots`.
+
+    Every `transformers.TrainingArguments` parameter applies. `remove_unused_columns` defaults to `False`: the
+    collator needs `group` and `example_idx`.
+    """
+
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep every dataset column: hf_robust's collator needs `group` and `example_idx`."},
+    )
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per text input."})
+    train_augmentation: str = field(
+        default="none", metadata={"help": "Image augmentation for training: none, flip or crop_flip."}
+    )
+    balanced_sampling: str = field(
+        default="none",
+        metadata={"help": "Sample training examples balanced by 'class' or by 'group' (uses group labels), or 'none'."},
+    )
+    classifier_layer: str | None = field(
+        default=None, metadata={"help": "Name of the model's last linear layer, if hf_robust cannot find it."}
+    )
+    cam_target_layer: str | None = field(
+        default=None, metadata={"help": "Name of the CAM target layer, if hf_robust does not know the model."}
+    )
+    save_plots: bool = field(default=True, metadata={"help": "Write report plots into output_dir/plots."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train_augmentation not in ("none", "flip", "crop_flip"):
+            raise ValueError(
+                f"train_augmentation={self.train_augmentation!r}: expected 'none', 'flip' or 'crop_flip'."
+            )
+        if self.balanced_sampling not in ("none", "class", "group"):
+            raise ValueError(f"balanced_sampling={self.balanced_sampling!r}: expected 'none', 'class' or 'group'.")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop `group` and `example_idx`, which hf_robust needs; leave it False "
+                "(the collator passes only the model's inputs to the model)."
+            )

@@ -1,0 +1,627 @@
+"""`RobustTrainer`: ERM with group-aware evaluation, and the stage machinery every hf_robust method builds on.
+
+A method is a list of named *stages* (ERM -> masks -> fine-tune, ERM -> scores -> select -> last layer, ...).
+Each stage writes its outputs atomically into `output_dir/stages/<name>/` and a completion marker last; a
+run started with `resume_from_checkpoint` skips every finished stage (restoring its outputs instead) and
+resumes a training stage from its last checkpoint. Per-example outputs (CAMs, gradient norms, features) are
+computed by `compute_per_example`, a sequential pass sharded over processes whose results are gathered and
+ordered by `example_idx`, so N processes give exactly the result of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler, WeightedRandomSampler
+from transformers import Trainer
+from transformers.trainer_utils import EvalPrediction, get_last_checkpoint
+
+from ..adapters import EXAMPLE_IDX_FLAG, get_adapter, unwrap_model
+from ..data.core import DataValidationError, group_names, validate_group_dataset
+from ..preprocessing import GroupDataCollator, ImagePreprocessing
+from .base_config import RobustConfig
+
+STAGES_DIR = "stages"
+STAGE_MARKER = "stage.json"
+RESULTS_NAME = "results.json"
+
+
+class HubPushError(RuntimeError):
+    """Pushing to the Hub failed; everything was saved locally first."""
+
+
+@dataclass
+class Stage:
+    """One step of a method. `run(stage_dir, resume)` computes and writes the stage's outputs; `load(stage_dir)`
+    restores them when a resumed run skips the finished stage."""
+
+    name: str
+    run: Callable[[Path, bool], None]
+    load: Callable[[Path], None] | None = None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode())
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return str(value)
+
+
+def maybe_wrap_timm(model: nn.Module) -> nn.Module:
+    """A raw timm classifier -> transformers' TimmWrapperForImageClassification around the same module, so it
+    takes `pixel_values`/`labels`, computes its loss and saves/loads like any transformers model."""
+    if hasattr(model, "config") or not (hasattr(model, "pretrained_cfg") and hasattr(model, "forward_head")):
+        return model
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    pretrained_cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k != "num_classes"}
+    config = TimmWrapperConfig(
+        architecture=pretrained_cfg.get("architecture", type(model).__name__.lower()),
+        num_labels=model.num_classes,
+        pretrained_cfg=pretrained_cfg,
+    )
+    with torch.device("meta"):
+        wrapper = TimmWrapperForImageClassification(config)
+    wrapper.timm_model = model
+    return wrapper
+
+
+class RobustTrainer(Trainer):
+    """Trainer for ERM that evaluates every split by worst-group accuracy, and the base of every method.
+
+    Args:
+        model: a transformers model (BERT-style encoder, ViT, ResNet, TimmWrapper...), a timm model, or either
+            wrapped by peft.
+        args: a [`RobustConfig`].
+        train_dataset: a split in the hf_robust data model (see `hf_robust.data.as_group_dataset`).
+        eval_dataset: a split or a dict of named splits; each is reported as `eval_<split>_<metric>`.
+        processing_class: the tokenizer (text) or image processor (images; optional for timm models, whose data
+            config is used).
+        dataset_name, model_name_or_path: for the model card.
+    """
+
+    _tag_names = ["hf_robust", "erm"]
+    _name = "ERM"
+    _paper: dict | None = None
+    _summary = (
+        "Empirical risk minimisation: plain fine-tuning, the baseline that spurious correlations hurt. Its worst "
+        "group shows how much the model leans on the shortcut."
+    )
+    # adapter pieces the method needs (checked before any training): e.g. ("cam_layer",) for MaskTune
+    _requires: tuple[str, ...] = ()
+    # input kinds the method accepts
+    _input_kinds: tuple[str, ...] = ("image", "text", "text_pair")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: RobustConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        data_collator=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        dataset_name: str | None = None,
+        model_name_or_path: str | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = RobustConfig(output_dir=f"{type(self).__name__.lower()}_output")
+        if not isinstance(args, RobustConfig):
+            raise TypeError(f"{type(self).__name__} needs a RobustConfig (or a subclass), got {type(args).__name__}.")
+        model = maybe_wrap_timm(model)
+        self.adapter = get_adapter(model, classifier=args.classifier_layer, target_layer=args.cam_target_layer)
+        self.adapter.require("classifier", *self._requires)
+        self.input_kind = self._validate_datasets(model, train_dataset, eval_dataset)
+        self.dataset_name = dataset_name or "custom"
+        self.model_name_or_path = model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+
+        if data_collator is None:
+            image_preprocessing = None
+            if self.input_kind == "image":
+                image_preprocessing = ImagePreprocessing.for_model(model, processing_class)
+            data_collator = GroupDataCollator(
+                self.input_kind,
+                image_preprocessing=image_preprocessing,
+                tokenizer=processing_class if self.input_kind != "image" else None,
+                max_length=args.max_length,
+            )
+        self.eval_collator = data_collator
+        self.train_collator = (
+            data_collator.with_options(augmentation=args.train_augmentation)
+            if isinstance(data_collator, GroupDataCollator)
+            else data_collator
+        )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or self._compute_group_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        # losses here are per-batch means; the Trainer must not rescale them by token counts
+        self.model_accepts_loss_kwargs = False
+        self._metric = None
+        self.eval_results: dict[str, dict] = {}
+        self.stage_results: dict[str, dict[str, dict]] = {}
+        self.stage_log_history: dict[str, list] = {}
+        self.finished_stages: list[str] = []
+        self.skipped_stages: list[str] = []
+        self._train_output = None
+
+    # ------------------------------------------------------------------ validation
+    def _validate_datasets(self, model, train_dataset, eval_dataset) -> str:
+        config = getattr(unwrap_model(model), "config", None)
+        num_labels = getattr(config, "num_labels", None) or self.adapter.classifier.out_features
+        splits = {}
+        if train_dataset is not None:
+            splits["train_dataset"] = train_dataset
+        if isinstance(eval_dataset, dict):
+            splits.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+        elif eval_dataset is not None:
+            splits["eval_dataset"] = eval_dataset
+        kinds = {name: validate_group_dataset(split, name, num_labels=num_labels) for name, split in splits.items()}
+        found = set(kinds.values())
+        if len(found) > 1:
+            raise DataValidationError(f"The splits have different input kinds: {kinds}.")
+        kind = found.pop() if found else self.adapter.input_kind
+        model_kind = "image" if self.adapter.input_kind == "image" else "text"
+        if ("image" if kind == "image" else "text") != model_kind:
+            raise DataValidationError(
+                f"The data has {kind} inputs but {type(unwrap_model(model)).__name__} is a {model_kind} model."
+            )
+        if kind not in self._input_kinds:
+            raise DataValidationError(
+                f"{type(self).__name__} ({self._name}) works on {' / '.join(self._input_kinds)} inputs; the data has "
+                f"{kind} inputs."
+            )
+        return kind
+
+    # ------------------------------------------------------------------ batches and loss
+    def model_inputs(self, inputs: dict) -> dict:
+        """The batch minus hf_robust's bookkeeping columns (`example_idx` stays for models that use it)."""
+        uses_idx = getattr(unwrap_model(self.model), EXAMPLE_IDX_FLAG, False)
+        return {k: v for k, v in inputs.items() if k != "group" and (uses_idx or k != "example_idx")}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**self.model_inputs(inputs))
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        meta = (inputs["labels"], inputs["group"], inputs["example_idx"])
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**self.model_inputs(inputs))
+        loss = outputs["loss"].detach() if outputs.get("loss") is not None else None
+        return loss, None if prediction_loss_only else outputs["logits"].detach(), meta
+
+    def get_train_dataloader(self) -> DataLoader:
+        eval_collator, self.data_collator = self.data_collator, self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
+
+    def _get_train_sampler(self, train_dataset=None):
+        mode = self.args.balanced_sampling
+        if mode == "none":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        keys = np.asarray(dataset["label" if mode == "class" else "group"])
+        if (keys < 0).any():
+            raise DataValidationError(
+                "balanced_sampling='group' needs a group label on every training example; some are -1. Use "
+                "balanced_sampling='class' for data without group labels."
+            )
+        weights = 1.0 / np.bincount(keys)[keys]
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return WeightedRandomSampler(torch.as_tensor(weights), len(dataset), replacement=True, generator=generator)
+
+    # ------------------------------------------------------------------ metrics and reports
+    @property
+    def metric(self):
+        if self._metric is None:
+            import evaluate
+
+            from ..resources import metric_path
+
+            self._metric = evaluate.load(metric_path("worst_group_accuracy"), keep_in_memory=True)
+        return self._metric
+
+    def _compute_group_metrics(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        labels, groups, _ = eval_pred.label_ids
+        logits = eval_pred.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return self.metric.compute(
+            predictions=np.asarray(logits).argmax(-1), references=np.asarray(labels), groups=np.asarray(groups)
+        )
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        if dataset is None:
+            dataset = self.eval_dataset
+        if isinstance(dataset, Dataset):
+            split = metric_key_prefix[len("eval_") :] if metric_key_prefix.startswith("eval_") else metric_key_prefix
+            self.eval_results[split] = self._split_report(metrics, metric_key_prefix, dataset)
+        return metrics
+
+    @staticmethod
+    def _split_report(metrics: dict, prefix: str, dataset: Dataset) -> dict:
+        names = group_names(dataset)
+        strip = {k[len(prefix) + 1 :]: v for k, v in metrics.items() if k.startswith(prefix + "_")}
+        report = {
+            k: strip[k]
+            for k in ("accuracy", "worst_group_accuracy", "mean_group_accuracy", "worst_class_accuracy", "loss")
+            if k in strip
+        }
+        report["num_examples"] = len(dataset)
+        report["groups"] = {}
+        for key, value in strip.items():
+            if key.startswith("group_") and key.endswith("_accuracy"):
+                g = int(key[len("group_") : -len("_accuracy")])
+                name = names[g] if g < len(names) else f"group_{g}"
+                report["groups"][name] = {"accuracy": value, "count": int(strip.get(f"group_{g}_count", 0))}
+        return report
+
+    def record_stage_results(self, stage: str) -> None:
+        """Keep the current evaluation results under `stage` (e.g. the ERM model before MaskTune)."""
+        self.stage_results[stage] = copy.deepcopy(self.eval_results)
+
+    def results(self) -> dict:
+        return {
+            "method": self._name,
+            "trainer": type(self).__name__,
+            "model": self.model_name_or_path,
+            "dataset": self.dataset_name,
+            "seed": self.args.seed,
+            "splits": self.eval_results,
+            "stages": self.stage_results,
+            "finished_stages": self.finished_stages,
+            "skipped_stages": self.skipped_stages,
+        }
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the model; a call from user code (not a checkpoint) also writes results.json, plots and the
+        model card. Pushing happens only in `push_to_hub`."""
+        super().save_model(output_dir, _internal_call=True)
+        if not _internal_call:
+            self.write_report(output_dir)
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        plot_files = []
+        if self.args.save_plots and self.eval_results:
+            from ..plots import plot_group_accuracies
+
+            runs = {stage: splits for stage, splits in self.stage_results.items()}
+            runs[self._name] = self.eval_results
+            plot_group_accuracies(runs, output_dir / "plots" / "group_accuracy.png", title=self.dataset_name)
+            plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
+        results = self.results()
+        card = self.create_model_card_object(results, plot_files)
+        atomic_write_bytes(output_dir / "README.md", str(card).encode())
+        atomic_write_json(output_dir / RESULTS_NAME, results)  # last: its presence marks a finished report
+
+    def method_hyperparameters(self) -> dict:
+        """Hyperparameters shown in the model card: the method's own config fields and the main training ones."""
+        from dataclasses import fields
+
+        base = {f.name for f in fields(RobustConfig)}
+        mine = {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.name not in base}
+        common = (
+            "learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "lr_scheduler_type",
+            "warmup_steps", "seed", "optim", "balanced_sampling", "train_augmentation",
+        )
+        hyper = {k: getattr(self.args, k) for k in common}
+        hyper["world_size"] = self.args.world_size
+        hyper.update(mine)
+        return {k: v for k, v in hyper.items() if v is not None}
+
+    def create_model_card_object(self, results: dict | None = None, plot_files: list[str] | None = None):
+        from ..modelcard import build_model_card
+
+        results = results or self.results()
+        repo = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
+        usage = f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo}")'
+        baseline = next(iter(self.stage_results), None)
+        return build_model_card(
+            model_name=repo.split("/")[-1],
+            results=results,
+            trainer_class=type(self).__name__,
+            method_name=self._name,
+            method_summary=self._summary,
+            tags=list(dict.fromkeys(self._tag_names + list(getattr(self.model, "model_tags", None) or []))),
+            paper=self._paper,
+            dataset_name=self.dataset_name,
+            base_model=self.model_name_or_path,
+            task_type="image-classification" if self.input_kind == "image" else "text-classification",
+            hyperparameters=self.method_hyperparameters(),
+            usage=usage,
+            plot_files=plot_files or [],
+            baseline_name=baseline,
+        )
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer calls this on push; hf_robust's card (written by `write_report`) replaces the generic one."""
+        self.write_report()
+
+    # ------------------------------------------------------------------ Hub
+    def init_hf_repo(self, token=None, private=None) -> None:
+        # The Trainer creates the Hub repo at __init__ when push_to_hub=True: with no network that would fail
+        # before training. hf_robust creates it in push_to_hub(), after everything is saved locally.
+        return None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Checkpoints are not pushed while training (hub_strategy is ignored): a run pushes once, at the end.
+        return None
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, private=None, **kwargs):
+        """Save the model, results, plots and card locally, then upload `output_dir` (no stages/checkpoints).
+
+        Raises `HubPushError` (with what was saved and how to push later) if the upload fails, e.g. offline.
+        """
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        from huggingface_hub import HfApi
+
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        token = token if token is not None else self.args.hub_token
+        try:
+            api = HfApi()
+            repo = api.create_repo(repo_id, token=token, private=private or self.args.hub_private_repo, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=self.args.output_dir,
+                commit_message=commit_message,
+                token=token,
+                revision=revision or self.args.hub_revision,
+                run_as_future=not blocking,
+                ignore_patterns=["_*", "checkpoint-*", f"{STAGES_DIR}/*", f"{STAGES_DIR}/**"],
+            )
+        except Exception as error:  # offline (OfflineModeIsEnabled is an OSError; httpx errors are not), auth, ...
+            raise HubPushError(
+                f"Could not push {self.args.output_dir} to the Hub as {repo_id!r}: {type(error).__name__}: {error}. "
+                f"The model, results.json, plots and README.md are saved in {self.args.output_dir}; push them "
+                f"later with `hf upload {repo_id} {self.args.output_dir}`."
+            ) from error
+
+    # ------------------------------------------------------------------ stages
+    def stages(self) -> list[Stage]:
+        """The method's stages, in order. ERM is the one-stage case."""
+        return [Stage("erm", self._run_erm_stage, self.load_model_state)]
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.args.output_dir) / STAGES_DIR / name
+
+    def stage_finished(self, name: str) -> bool:
+        return (self.stage_dir(name) / STAGE_MARKER).is_file()
+
+    def _mark_stage_finished(self, name: str, seconds: float) -> None:
+        if self.is_world_process_zero():
+            atomic_write_json(
+                self.stage_dir(name) / STAGE_MARKER,
+                {"stage": name, "method": self._name, "seed": self.args.seed, "seconds": round(seconds, 3),
+                 "world_size": self.args.world_size, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _check_stage_marker(self, name: str) -> None:
+        marker = json.loads((self.stage_dir(name) / STAGE_MARKER).read_text())
+        if marker.get("seed") != self.args.seed or marker.get("method") != self._name:
+            raise ValueError(
+                f"{self.stage_dir(name)} holds a finished {marker.get('method')!r} stage {name!r} with seed "
+                f"{marker.get('seed')}, but this run is {self._name!r} with seed {self.args.seed}: resume with the "
+                "same settings, or use a new output_dir."
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run the method's stages. With `resume_from_checkpoint`, finished stages are skipped (their outputs
+        restored) and an interrupted training stage continues from its last checkpoint (or the given one)."""
+        resume = bool(resume_from_checkpoint)
+        self._explicit_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        if not resume and self.is_world_process_zero():
+            shutil.rmtree(Path(self.args.output_dir) / STAGES_DIR, ignore_errors=True)
+            (Path(self.args.output_dir) / RESULTS_NAME).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.finished_stages, self.skipped_stages = [], []
+        for stage in self.stages():
+            stage_dir = self.stage_dir(stage.name)
+            if resume and self.stage_finished(stage.name):
+                self._check_stage_marker(stage.name)
+                if stage.load is not None:
+                    stage.load(stage_dir)
+                self.skipped_stages.append(stage.name)
+                self.finished_stages.append(stage.name)
+                continue
+            start = time.perf_counter()
+            self.current_stage = stage.name
+            stage.run(stage_dir, resume)
+            self._mark_stage_finished(stage.name, time.perf_counter() - start)
+            self.finished_stages.append(stage.name)
+        self.current_stage = None
+        return self._train_output
+
+    def train_stage(self, stage_dir: Path, resume: bool, train_dataset: Dataset | None = None, **arg_overrides):
+        """Run the Trainer loop as one stage: checkpoints go to `stage_dir`, a fresh optimizer and scheduler,
+        `arg_overrides` (e.g. num_train_epochs=1, learning_rate=...) applied for this stage only."""
+        checkpoint = None
+        if resume and stage_dir.is_dir():
+            checkpoint = self._explicit_checkpoint or get_last_checkpoint(str(stage_dir))
+            self._explicit_checkpoint = None
+        overrides = {"output_dir": str(stage_dir), **arg_overrides}
+        saved_args = {k: getattr(self.args, k) for k in overrides}
+        saved_dataset = self.train_dataset
+        for key, value in overrides.items():
+            setattr(self.args, key, value)
+        if train_dataset is not None:
+            self.train_dataset = train_dataset
+        self.optimizer, self.lr_scheduler = None, None
+        self._unprepare_model()
+        try:
+            self._train_output = super().train(resume_from_checkpoint=checkpoint)
+        finally:
+            for key, value in saved_args.items():
+                setattr(self.args, key, value)
+            self.train_dataset = saved_dataset
+        self.stage_log_history[stage_dir.name] = list(self.state.log_history)
+        return self._train_output
+
+    def _unprepare_model(self) -> None:
+        """Let the next `Trainer.train()` wrap the model for distributed training afresh.
+
+        An evaluation before training (the ERM stage's report, a per-example pass) has accelerate prepare the
+        model in evaluation mode, which marks it as prepared without a DDP wrapper; a following train() then
+        skips the wrapper and each process trains on its own gradients, silently. Clearing the mark restores
+        gradient synchronisation (tests/test_distributed.py evaluates before training to keep this honest).
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model, "_is_accelerate_prepared", False):
+            model._is_accelerate_prepared = False
+        self.model = self.model_wrapped = model
+
+    def _run_erm_stage(self, stage_dir: Path, resume: bool) -> None:
+        self.train_stage(stage_dir, resume)
+        self.save_model_state(stage_dir)
+
+    def save_model_state(self, stage_dir: Path) -> None:
+        """All parameters and buffers of the (unwrapped) model, atomically, as the stage's output."""
+        if self.is_world_process_zero():
+            from safetensors.torch import save_model
+
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=stage_dir, prefix=".model.", suffix=".safetensors")
+            os.close(fd)
+            save_model(self.accelerator.unwrap_model(self.model), tmp)
+            os.replace(tmp, stage_dir / "model.safetensors")
+        self.accelerator.wait_for_everyone()
+
+    def load_model_state(self, stage_dir: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.accelerator.unwrap_model(self.model), str(stage_dir / "model.safetensors"), device=str(self.args.device))
+
+    def save_stage_tensors(self, stage_dir: Path, tensors: dict[str, torch.Tensor], name: str = "outputs") -> None:
+        """Per-example outputs of a stage, atomically (safetensors)."""
+        if self.is_world_process_zero():
+            from safetensors.torch import save
+
+            atomic_write_bytes(stage_dir / f"{name}.safetensors", save({k: v.contiguous().cpu() for k, v in tensors.items()}))
+        self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def load_stage_tensors(stage_dir: Path, name: str = "outputs") -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(stage_dir / f"{name}.safetensors"))
+
+    # ------------------------------------------------------------------ distributed per-example pass
+    def compute_per_example(
+        self,
+        dataset: Dataset,
+        fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]],
+        description: str = "Computing",
+        batch_size: int | None = None,
+        collator=None,
+    ) -> dict[str, torch.Tensor]:
+        """Apply `fn(model, batch) -> {name: (B, ...) tensor}` to every example, sharded over processes.
+
+        Returns, on every process, each output concatenated over the whole dataset and ordered by `example_idx`
+        (plus `example_idx` itself): exactly what one process computes. Outputs with more than one dimension are
+        padded with zeros to the longest across processes along dim 1 (e.g. token-level outputs).
+        `fn` receives the unwrapped model (no DDP) in eval mode (its mode is restored afterwards; gradients stay
+        enabled for methods that need them, e.g. CAMs) and a batch already on the device.
+        """
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size or self.args.per_device_eval_batch_size,
+            sampler=SequentialSampler(dataset),
+            collate_fn=collator or self.eval_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        loader = self.accelerator.prepare_data_loader(loader)
+        model = self.accelerator.unwrap_model(self.model).to(self.args.device)
+        chunks: dict[str, list[torch.Tensor]] = defaultdict(list)
+        start = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        progress = tqdm(loader, desc=description, disable=not self.is_local_process_zero() or self.args.disable_tqdm)
+        with self.eval_mode(model):
+            for batch in progress:
+                self._gather_batch(chunks, fn(model, self._prepare_inputs(batch)), batch)
+        outputs = {}
+        for key, values in chunks.items():
+            width = max(v.shape[1] for v in values) if values[0].ndim > 1 else None
+            if width is not None:
+                values = [torch.nn.functional.pad(v, (0, 0) * (v.ndim - 2) + (0, width - v.shape[1])) for v in values]
+            outputs[key] = torch.cat(values)
+        order = torch.argsort(outputs["example_idx"], stable=True)
+        outputs = {k: v[order] for k, v in outputs.items()}
+        keep = torch.ones(len(order), dtype=torch.bool)
+        keep[1:] = outputs["example_idx"][1:] != outputs["example_idx"][:-1]  # duplicates padded in by sharding
+        outputs = {k: v[keep] for k, v in outputs.items()}
+        if len(outputs["example_idx"]) != len(dataset):
+            raise RuntimeError(
+                f"{description}: gathered {len(outputs['example_idx'])} examples for a dataset of {len(dataset)}."
+            )
+        if self.state is not None and self.is_world_process_zero():
+            elapsed = time.perf_counter() - start
+            self.log({f"{description.lower().replace(' ', '_')}_seconds": round(elapsed, 3)})
+        return outputs
+
+    def _gather_batch(self, chunks: dict, result: dict, batch: dict) -> None:
+        result = dict(result)
+        result["example_idx"] = batch["example_idx"].to(self.args.device)
+        result = {k: self.accelerator.pad_across_processes(v, dim=1) if v.ndim > 1 else v for k, v in result.items()}
+        for key, value in self.accelerator.gather_for_metrics(result).items():
+            chunks[key].append(value.detach().cpu())
+
+    @contextlib.contextmanager
+    def eval_mode(self, model: nn.Module):
+        """Temporarily put `model` in eval mode, restoring its previous mode."""
+        was_training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was_training)

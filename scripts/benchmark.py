@@ -1,0 +1,164 @@
+"""Quality and speed of every method, measured on this machine and written to scripts/benchmark_results.json.
+
+    python scripts/benchmark.py                      # every method, seeds 0 1 2
+    python scripts/benchmark.py --methods erm --seeds 0
+
+Quality: the main job (scripts/train.py) with its defaults on the embedded `biased_digits` benchmark (the
+dataset is fixed, seed 0; the training seed varies), per split and per group, and the mean over seeds.
+Speed: ratios measured side by side in ONE process on the same model and data (absolute seconds depend on
+the machine; ratios are what the issues state). Timed assertions never go into the tests: they live here.
+
+Each method contributes one function to BENCHMARKS; running a subset of methods updates only their entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "benchmark_results.json"
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("hf_robust_train_script", HERE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(runs: list[dict], split: str) -> dict:
+    def values(key, source="splits"):
+        return [run[source][split][key] for run in runs if split in run[source]]
+
+    out = {}
+    for key in ("worst_group_accuracy", "accuracy"):
+        vals = values(key)
+        out[key] = {"mean": statistics.mean(vals), "per_seed": vals}
+    return out
+
+
+def quality(method: str, seeds: list[int], extra: list[str] | None = None) -> dict:
+    """Run the main job per seed (default recipe) and keep every split's report plus wall-clock time."""
+    train = _train_script()
+    runs = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            argv = ["--method", method, "--seed", str(seed), "--output_dir", tmp, "--disable_tqdm", "true",
+                    "--save_strategy", "no", *(extra or [])]
+            results = train.main(argv)
+            results["seconds"] = round(time.perf_counter() - start, 1)
+            runs.append(results)
+    splits = list(runs[0]["splits"])
+    summary = {split: _summary(runs, split) for split in splits}
+    stage_summary = {}
+    for stage in runs[0].get("stages", {}):
+        stage_runs = [{"splits": run["stages"][stage]} for run in runs]
+        stage_summary[stage] = {split: _summary(stage_runs, split) for split in splits}
+    return {
+        "seeds": seeds,
+        "mean": summary,
+        "stages_mean": stage_summary,
+        "seconds_per_run": [run["seconds"] for run in runs],
+        "runs": [{k: run[k] for k in ("seed", "splits", "stages", "seconds")} for run in runs],
+    }
+
+
+def erm_timing() -> dict:
+    """One ERM epoch vs one inference pass vs the distributed per-example pass, on the default model/data."""
+    import torch
+    import transformers
+
+    from hf_robust.data import load_benchmark
+    from hf_robust.models import load_model
+    from hf_robust.trainer import RobustConfig, RobustTrainer
+
+    transformers.logging.set_verbosity_error()
+    data = load_benchmark("biased_digits")
+    transformers.set_seed(0)
+    model, _ = load_model("digits-resnet18", 2, data["train"].features["label"].names)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RobustConfig(output_dir=tmp, num_train_epochs=1, per_device_train_batch_size=128,
+                            per_device_eval_batch_size=256, learning_rate=1e-3, save_strategy="no", report_to="none",
+                            disable_tqdm=True, logging_steps=10_000)
+        trainer = RobustTrainer(model, args, train_dataset=data["train"])
+        start = time.perf_counter()
+        trainer.train()
+        epoch = time.perf_counter() - start
+
+        start = time.perf_counter()
+        trainer.predict(data["train"])
+        inference = time.perf_counter() - start
+
+        def logits(model, batch):
+            with torch.no_grad():
+                return {"logits": model(pixel_values=batch["pixel_values"]).logits}
+
+        start = time.perf_counter()
+        trainer.compute_per_example(data["train"], logits, description="Benchmark pass")
+        per_example = time.perf_counter() - start
+    return {
+        "erm_epoch_seconds": round(epoch, 2),
+        "inference_pass_seconds": round(inference, 2),
+        "per_example_pass_seconds": round(per_example, 2),
+        "per_example_pass_over_inference": round(per_example / inference, 3),
+        "inference_pass_over_erm_epoch": round(inference / epoch, 3),
+        "train_examples": len(data["train"]),
+    }
+
+
+def cli_help_seconds() -> float:
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(HERE / "train.py"), "--help"], check=True, capture_output=True)
+    return round(time.perf_counter() - start, 2)
+
+
+def benchmark_erm(seeds: list[int]) -> dict:
+    return {"quality": quality("erm", seeds), "timing": {**erm_timing(), "train_py_help_seconds": cli_help_seconds()}}
+
+
+BENCHMARKS = {"erm": benchmark_erm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(BENCHMARKS), help=f"comma-separated, from {list(BENCHMARKS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    path = Path(args.output)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    import torch
+
+    results["machine"] = {
+        "platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    for method in args.methods.split(","):
+        print(f"== benchmarking {method} (seeds {seeds})", flush=True)
+        start = time.perf_counter()
+        results.setdefault("methods", {})[method] = BENCHMARKS[method](seeds)
+        results["methods"][method]["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
+        results["methods"][method]["benchmark_seconds"] = round(time.perf_counter() - start, 1)
+        path.write_text(json.dumps(results, indent=2))
+    print(json.dumps({m: r.get("quality", {}).get("mean") for m, r in results["methods"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""scripts/train.py, the main job: arguments, config files, outputs, resume, errors."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    spec = importlib.util.spec_from_file_location("hf_robust_train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def quick(tmp_path, *extra):
+    return [
+        "--max_train_samples", "256", "--max_eval_samples", "64", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "64", "--output_dir", str(tmp_path / "run"), "--use_cpu",
+        "--disable_tqdm", "true", *extra,
+    ]
+
+
+def test_erm_main_job_writes_a_complete_run(tmp_path, train_script, digits, capsys):
+    results = train_script.main(quick(tmp_path))
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["method"] == "ERM" and saved["dataset"] == "biased_digits"
+    assert set(saved["splits"]) == {"validation", "test_biased", "test_original"}
+    assert saved["splits"]["test_biased"]["worst_group_accuracy"] == results["splits"]["test_biased"]["worst_group_accuracy"]
+    for name in ("README.md", "config.json", "model.safetensors", "plots/group_accuracy.png"):
+        assert (out / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "== test_biased ==" in printed and "worst-group accuracy" in printed and "digit 5-9,square" in printed
+
+    # resuming a finished run skips its stage and reports the same numbers
+    again = train_script.main(quick(tmp_path, "--resume_from_checkpoint", "true"))
+    assert again["skipped_stages"] == ["erm"]
+    assert again["splits"]["test_biased"] == results["splits"]["test_biased"]
+
+
+def test_config_file_and_command_line_precedence(tmp_path, train_script):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: erm\ndataset: biased_digits\nnum_train_epochs: 7\nlearning_rate: 0.05\n")
+    script_args, args = train_script.parse_args(["--config", str(config), "--learning_rate", "0.2"])
+    assert args.num_train_epochs == 7  # from the file
+    assert args.learning_rate == 0.2  # the command line wins
+    assert args.per_device_train_batch_size == 128  # the dataset's default
+    assert script_args.model == "digits-resnet18" and script_args.eval_splits == "validation,test_biased,test_original"
+    assert args.output_dir == "runs/biased_digits-erm"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "masktun"], "--method 'masktun' is not one of"),
+        (["--dataset", "waterbird"], "Unknown benchmark 'waterbird'"),
+        (["--eval_splits", "test"], r"--eval_splits \['test'\] are not splits of biased_digits"),
+        (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(tmp_path, train_script, argv, message, digits):
+    with pytest.raises(SystemExit, match=message):
+        train_script.main(quick(tmp_path) + argv)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_unknown_config_key(tmp_path, train_script):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"num_epochs": 3}))
+    with pytest.raises(SystemExit, match=r"unknown keys \['num_epochs'\]"):
+        train_script.parse_args(["--config", str(config)])
+
+
+def test_push_to_hub_offline_saves_then_fails_clearly(tmp_path, train_script, digits):
+    argv = quick(tmp_path, "--max_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits-erm")
+    with pytest.raises(SystemExit, match=r"error: Could not push .* as 'me/digits-erm'"):
+        train_script.main(argv)
+    assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "README.md").is_file()
+
+
+def test_help_is_fast_and_lists_the_flags():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--method", "--dataset", "--model", "--output_dir", "--train_augmentation", "--config"):
+        assert flag in result.stdout

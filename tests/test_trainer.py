@@ -1,0 +1,254 @@
+"""RobustTrainer: group-aware evaluation, reports, Hub push offline, stages and resume, peft, bad inputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+
+from hf_robust.data import DataValidationError
+from hf_robust.resources import load_metric
+from hf_robust.trainer import HubPushError, RobustConfig, RobustTrainer, Stage
+
+
+def config(tmp_path, **kwargs):
+    base = dict(
+        output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=32,
+        per_device_eval_batch_size=64, learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, logging_steps=100, seed=0,
+    )
+    base.update(kwargs)
+    return RobustConfig(**base)
+
+
+def erm_trainer(tmp_path, data, family="timm_wrapper_resnet", **kwargs):
+    model, processor = make_model(family)
+    return RobustTrainer(
+        model, config(tmp_path, **kwargs), train_dataset=data["train"],
+        eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]},
+        processing_class=processor, dataset_name="biased_digits",
+    )
+
+
+def manual_predictions(trainer, dataset):
+    """Predictions of the trainer's model, computed without the Trainer's evaluation loop."""
+    model = trainer.model.eval()
+    batch = trainer.eval_collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(pixel_values=batch["pixel_values"]).logits.argmax(-1).numpy()
+
+
+def test_erm_evaluates_every_split_by_worst_group(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits)
+    trainer.train()
+    metrics = trainer.evaluate()
+    for split in ("validation", "test_biased"):
+        for key in ("accuracy", "worst_group_accuracy", "worst_class_accuracy", "mean_group_accuracy"):
+            assert f"eval_{split}_{key}" in metrics
+        data = small_digits[split]
+        predictions = manual_predictions(trainer, data)
+        labels, groups = np.asarray(data["label"]), np.asarray(data["group"])
+        assert metrics[f"eval_{split}_accuracy"] == pytest.approx((predictions == labels).mean())
+        per_group = [(predictions[groups == g] == labels[groups == g]).mean() for g in np.unique(groups)]
+        assert metrics[f"eval_{split}_worst_group_accuracy"] == pytest.approx(min(per_group))
+        for g in np.unique(groups):
+            assert metrics[f"eval_{split}_group_{g}_count"] == (groups == g).sum()
+    report = trainer.eval_results["validation"]
+    assert set(report["groups"]) == set(small_digits["validation"].features["group"].names)
+    assert sum(g["count"] for g in report["groups"].values()) == len(small_digits["validation"])
+
+
+def test_save_model_writes_model_results_plot_and_card(tmp_path, small_digits):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForImageClassification
+
+    trainer = erm_trainer(tmp_path, small_digits)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model()
+    out = Path(trainer.args.output_dir)
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "ERM"
+    assert results["splits"]["test_biased"]["worst_group_accuracy"] == trainer.eval_results["test_biased"]["worst_group_accuracy"]
+    assert (out / "plots" / "group_accuracy.png").stat().st_size > 1000
+    card = ModelCard.load(out / "README.md")
+    index = card.data.to_dict()["model-index"][0]["results"]
+    wga = [m for r in index for m in r["metrics"] if m["type"] == "worst_group_accuracy" and r["dataset"]["split"] == "test_biased"]
+    assert wga and wga[0]["value"] == pytest.approx(round(results["splits"]["test_biased"]["worst_group_accuracy"], 4))
+    assert "hf_robust" in card.data.tags
+    assert "| test_biased |" in card.text
+    # a stock transformers model, with the trained weights
+    reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(reloaded(pixel_values=x).logits, trainer.model.eval()(pixel_values=x).logits, atol=1e-6)
+
+
+def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits, push_to_hub=True, hub_model_id="someone/robust-digits", max_steps=2)
+    trainer.train()
+    trainer.evaluate()
+    with pytest.raises(HubPushError, match=r"someone/robust-digits.*saved in .*hf upload"):
+        trainer.push_to_hub()
+    out = Path(trainer.args.output_dir)
+    for name in ("results.json", "README.md", "config.json", "model.safetensors"):
+        assert (out / name).is_file(), name
+
+
+class TwoStageToy(RobustTrainer):
+    """ERM, then a per-example pass (logits of the training set); `fail_in` simulates a kill inside a stage."""
+
+    calls: dict = {}
+
+    def __init__(self, *args, fail_in=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_in = fail_in
+
+    def stages(self):
+        return [Stage("erm", self._erm, self.load_model_state), Stage("scores", self._scores, self._load_scores),
+                Stage("finalize", self._finalize)]
+
+    def _count(self, name):
+        TwoStageToy.calls[name] = TwoStageToy.calls.get(name, 0) + 1
+
+    def _erm(self, stage_dir, resume):
+        self._count("erm")
+        self._run_erm_stage(stage_dir, resume)
+
+    def _scores(self, stage_dir, resume):
+        self._count("scores")
+        outputs = self.compute_per_example(
+            self.train_dataset, lambda model, batch: {"logits": model(pixel_values=batch["pixel_values"]).logits},
+            description="Scoring",
+        )
+        self.save_stage_tensors(stage_dir, outputs)
+        self.scores = outputs
+
+    def _load_scores(self, stage_dir):
+        self.scores = self.load_stage_tensors(stage_dir)
+
+    def _finalize(self, stage_dir, resume):
+        self._count("finalize")
+        if self.fail_in == "finalize":
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_skips_finished_stages(tmp_path, small_digits):
+    TwoStageToy.calls = {}
+    make = lambda **kw: TwoStageToy(  # noqa: E731
+        make_model("timm_wrapper_resnet")[0], config(tmp_path), train_dataset=small_digits["train"],
+        eval_dataset=small_digits["validation"], **kw,
+    )
+    first = make(fail_in="finalize")
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    stages = Path(first.args.output_dir) / "stages"
+    assert (stages / "erm" / "stage.json").is_file() and (stages / "scores" / "stage.json").is_file()
+    assert not (stages / "finalize" / "stage.json").exists()
+    assert not (Path(first.args.output_dir) / "results.json").exists()
+
+    resumed = make()  # a new process would build a fresh (random) model: the stage restores the ERM weights
+    resumed.train(resume_from_checkpoint=True)
+    assert TwoStageToy.calls == {"erm": 1, "scores": 1, "finalize": 2}
+    assert resumed.skipped_stages == ["erm", "scores"]
+    assert torch.equal(resumed.scores["logits"], first.scores["logits"])
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(resumed.model.eval()(pixel_values=x).logits, first.model.eval()(pixel_values=x).logits)
+    # an uninterrupted run computes the same stage outputs
+    TwoStageToy.calls = {}
+    fresh = TwoStageToy(make_model("timm_wrapper_resnet")[0], config(tmp_path / "fresh"),
+                        train_dataset=small_digits["train"], eval_dataset=small_digits["validation"])
+    fresh.train()
+    assert TwoStageToy.calls == {"erm": 1, "scores": 1, "finalize": 1}
+    assert torch.allclose(fresh.scores["logits"], resumed.scores["logits"], atol=1e-5)
+    # a fresh (not resumed) run into the same folder starts over
+    TwoStageToy.calls = {}
+    make().train()
+    assert TwoStageToy.calls == {"erm": 1, "scores": 1, "finalize": 1}
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, small_digits):
+    trainer = RobustTrainer(make_model("timm_wrapper_resnet")[0], config(tmp_path, max_steps=1),
+                            train_dataset=small_digits["train"])
+    trainer.train()
+    other = RobustTrainer(make_model("timm_wrapper_resnet")[0], config(tmp_path, max_steps=1, seed=7),
+                          train_dataset=small_digits["train"])
+    with pytest.raises(ValueError, match="seed 0, but this run is 'ERM' with seed 7"):
+        other.train(resume_from_checkpoint=True)
+
+
+def test_compute_per_example_is_ordered_and_complete(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits, per_device_eval_batch_size=7)
+    data = small_digits["validation"].shuffle(seed=3)  # rows out of example_idx order
+    out = trainer.compute_per_example(
+        data, lambda model, batch: {"label": batch["labels"], "tokens": batch["labels"][:, None].repeat(1, 3)}
+    )
+    order = np.argsort(np.asarray(data["example_idx"]))
+    assert out["example_idx"].tolist() == np.asarray(data["example_idx"])[order].tolist()
+    assert out["label"].tolist() == np.asarray(data["label"])[order].tolist()
+    assert out["tokens"].shape == (len(data), 3)
+
+
+def test_class_balanced_sampling(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits, balanced_sampling="class")
+    sampler = trainer._get_train_sampler()
+    labels = np.asarray(small_digits["train"]["label"])
+    drawn = np.concatenate([labels[list(iter(sampler))] for _ in range(20)])
+    assert abs(drawn.mean() - 0.5) < 0.03
+    with pytest.raises(ValueError, match="balanced_sampling='groups': expected 'none', 'class' or 'group'"):
+        config(tmp_path, balanced_sampling="groups")
+
+
+@pytest.mark.parametrize("family", ["hf_bert", "hf_vit"])
+def test_lora_models_train_and_evaluate(tmp_path, family, small_digits, text_data, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = make_model(family, vocab_size=tokenizer.vocab_size)
+    if family == "hf_bert":
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=4))
+        data, processor = text_data, tokenizer
+        evals = {"validation": data["validation"], "test": data["test"]}
+    else:
+        model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], r=4))
+        data = small_digits
+        evals = {"validation": data["validation"]}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = RobustTrainer(model, config(tmp_path, learning_rate=5e-3), train_dataset=data["train"],
+                            eval_dataset=evals, processing_class=processor)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_validation_worst_group_accuracy"] <= 1.0
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+    assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if n in frozen_before)
+
+
+def test_bad_inputs_are_refused_before_training(tmp_path, small_digits, text_data):
+    model, processor = make_model("timm_wrapper_resnet")
+    no_idx = small_digits["train"].remove_columns("example_idx")
+    with pytest.raises(DataValidationError, match=r"train_dataset lacks the column\(s\) \['example_idx'\]"):
+        RobustTrainer(model, config(tmp_path), train_dataset=no_idx)
+    three_classes = small_digits["train"].cast_column("label", small_digits["train"].features["label"].__class__(names=["a", "b", "c"]))
+    three_classes = three_classes.map(lambda row: {"label": 2}, features=three_classes.features)
+    with pytest.raises(DataValidationError, match=r"values \[2\] but the model has 2 labels"):
+        RobustTrainer(model, config(tmp_path), train_dataset=three_classes)
+    with pytest.raises(DataValidationError, match="The data has text inputs but TimmWrapperForImageClassification is a image model"):
+        RobustTrainer(model, config(tmp_path), train_dataset=text_data["train"])
+    with pytest.raises(Exception, match="no adapter for Sequential"):
+        RobustTrainer(torch.nn.Sequential(torch.nn.Linear(2, 2)), config(tmp_path), train_dataset=small_digits["train"])
+
+    class ImageOnly(RobustTrainer):
+        _name = "ImageOnly"
+        _input_kinds = ("image",)
+
+    bert, _ = make_model("hf_bert")
+    with pytest.raises(DataValidationError, match="ImageOnly.*works on image inputs; the data has text inputs"):
+        ImageOnly(bert, config(tmp_path), train_dataset=text_data["train"])
+    with pytest.raises(ValueError, match="remove_unused_columns=True would drop"):
+        config(tmp_path, remove_unused_columns=True)
+
+
+def test_metric_module_is_the_trainers_metric(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits)
+    assert trainer.metric.name == load_metric().name == "worst_group_accuracy"
