@@ -16,6 +16,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_group_accuracies(runs: dict[str, dict[str, dict]], path: str | Path, title: str | None = None) -> Path:
     """Per-group accuracy bars, one panel per split, one bar colour per run (e.g. ERM vs the method).
 
@@ -48,9 +57,85 @@ def plot_group_accuracies(runs: dict[str, dict[str, dict]], path: str | Path, ti
         ax.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_risk_coverage(curves: dict[str, dict[str, dict]], path: str | Path) -> Path:
+    """Selective risk against coverage, one panel per split, one line per selective classifier.
+
+    `curves` maps a classifier name to {split: {"coverage": [...], "risk": [...]}}.
+    """
+    plt = _pyplot()
+    splits = list(dict.fromkeys(split for per_split in curves.values() for split in per_split))
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.4), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for name, per_split in curves.items():
+            if split in per_split:
+                curve = per_split[split]
+                ax.plot(np.asarray(curve["coverage"]) * 100, np.asarray(curve["risk"]) * 100, label=name)
+        ax.set_xlabel("coverage (%)")
+        ax.set_ylabel("selective risk (%)")
+        ax.set_title(split)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_cam_overlays(images, maps: dict, masks, labels: list[str], path: str | Path) -> Path:
+    """One row per example: the image, each model's CAM over it, and the mask MaskTune applied.
+
+    `images` uint8 (N, 3, H, W); `maps` {model name: (N, H, W) in [0, 1]}; `masks` (N, H, W) bool.
+    """
+    plt = _pyplot()
+    columns = 2 + len(maps)
+    fig, axes = plt.subplots(len(images), columns, figsize=(1.6 * columns, 1.6 * len(images)), squeeze=False)
+    for i, image in enumerate(images):
+        picture = image.permute(1, 2, 0).numpy()
+        axes[i][0].imshow(picture)
+        axes[i][0].set_ylabel(labels[i], fontsize=6)
+        for j, (name, cam) in enumerate(maps.items(), start=1):
+            axes[i][j].imshow(picture)
+            axes[i][j].imshow(cam[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if i == 0:
+                axes[i][j].set_title(f"{name} CAM", fontsize=7)
+        masked = picture * (~masks[i].numpy())[..., None]
+        axes[i][-1].imshow(masked.astype(np.uint8))
+        if i == 0:
+            axes[i][0].set_title("image", fontsize=7)
+            axes[i][-1].set_title("masked", fontsize=7)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_gradient_norms(
+    norms, groups, selected, path: str | Path, group_names: list[str] | None = None, labels=None,
+    label_names: list[str] | None = None, bins: int = 30, title: str | None = None,
+) -> Path:
+    """Per-group histograms of the held-out examples' last-layer gradient norms (GradTune's Figure 2), the
+    examples chosen for the fine-tuning set stacked in a darker colour, one panel per group.
+
+    `norms` (N,), `groups` (N,) (-1 = unknown: panels per class from `labels` instead), `selected` (N,) bool.
+    The bins are shared, so the panels compare.
+    """
+    plt = _pyplot()
+    norms, groups, selected = np.asarray(norms, float), np.asarray(groups), np.asarray(selected, bool)
+    if (groups >= 0).all():
+        keys, names = groups, list(group_names or [])
+    else:
+        keys, names = np.asarray(labels), [f"{n} (group unknown)" for n in (label_names or [])]
+    present = sorted(set(keys.tolist()))
+    edges = np.histogram_bin_edges(norms, bins=bins)
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.0), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], present):
+        members = keys == key
+        chosen, rest = norms[members & selected], norms[members & ~selected]
+        ax.hist([chosen, rest], bins=edges, stacked=True, color=["tab:red", "lightgray"],
+                label=[f"selected ({len(chosen)})", f"not selected ({len(rest)})"])
+        ax.set_title(names[key] if key < len(names) else f"group {key}", fontsize=8)
+        ax.set_xlabel("last-layer gradient norm")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("held-out examples")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

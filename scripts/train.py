@@ -33,6 +33,11 @@ from dataclasses import dataclass, field
 # method name -> (config class, trainer class); each method registers here as it lands
 METHODS = {
     "erm": ("hf_robust.trainer.base_config:RobustConfig", "hf_robust.trainer.base_trainer:RobustTrainer"),
+    "masktune": ("hf_robust.trainer.masktune_config:MaskTuneConfig", "hf_robust.trainer.masktune_trainer:MaskTuneTrainer"),
+    "gradtune": ("hf_robust.trainer.gradtune_config:GradTuneConfig", "hf_robust.trainer.gradtune_trainer:GradTuneTrainer"),
+    "dfr": ("hf_robust.trainer.dfr_config:DFRConfig", "hf_robust.trainer.dfr_trainer:DFRTrainer"),
+    "fairdropout": ("hf_robust.trainer.fairdropout_config:FairDropoutTrainingConfig", "hf_robust.trainer.fairdropout_trainer:FairDropoutTrainer"),
+    "fairdropout_dfr": ("hf_robust.trainer.fairdropout_config:FairDropoutDFRConfig", "hf_robust.trainer.fairdropout_trainer:FairDropoutDFRTrainer"),
 }
 DEFAULT_METHOD = "erm"
 

@@ -32,9 +32,9 @@ def tiny_tokenizer(tmp_dir: Path):
         for text in group:
             words.update(text.replace("{subject}", " ").replace("{word}", " ").replace(",", " ").replace(".", " ").split())
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", ":", "spoiler"] + sorted(words)
-    path = Path(tmp_dir) / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(str(tmp_dir))  # (and loadable from disk like a real one)
+    return tokenizer
 
 
 def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: int = 0):
@@ -77,11 +77,23 @@ def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: in
                                  patch_size=8, embed_dim=32, depth=2, num_heads=2), None
     if family == "timm_wrapper_resnet":
         config = TimmWrapperConfig(
-            architecture="resnet18", num_labels=num_labels, model_args={"channels": [8, 16, 32, 32]},
+            # output_stride 8 keeps a 4x4 last map at 32x32, as the digits preset: CAMs have a spatial extent
+            architecture="resnet18", num_labels=num_labels, model_args={"channels": [8, 16, 32, 32], "output_stride": 8},
             pretrained_cfg={"input_size": [3, 32, 32], "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3},
         )
         return TimmWrapperForImageClassification(config), None
     raise ValueError(family)
+
+
+def quick_config(config_class, output_dir, **kwargs):
+    """A config for fast CPU tests: 1 epoch, no checkpoints, no reporting, seed 0; kwargs override."""
+    base = dict(
+        output_dir=str(output_dir), num_train_epochs=1, per_device_train_batch_size=32,
+        per_device_eval_batch_size=64, learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, logging_steps=1, seed=0,
+    )
+    base.update(kwargs)
+    return config_class(**base)
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +111,7 @@ def small_digits(digits):
 
     return DatasetDict(
         {
-            "train": digits["train"].shuffle(seed=0).select(range(256)),
+            "train": digits["train"].shuffle(seed=0).select(range(160)),
             "validation": digits["validation"].shuffle(seed=0).select(range(96)),
             "test_biased": digits["test_biased"].select(range(0, 540, 10)),
         }

@@ -22,7 +22,7 @@ CAM_SHAPES = {
     "hf_resnet": (2, 32, 1, 1),
     "timm_resnet": (2, 32, 1, 1),
     "timm_vit": (2, 32, 4, 4),
-    "timm_wrapper_resnet": (2, 32, 1, 1),
+    "timm_wrapper_resnet": (2, 32, 4, 4),
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, quick_config
 
 from hf_robust.data import DataValidationError
 from hf_robust.resources import load_metric
@@ -14,13 +14,7 @@ from hf_robust.trainer import HubPushError, RobustConfig, RobustTrainer, Stage
 
 
 def config(tmp_path, **kwargs):
-    base = dict(
-        output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=32,
-        per_device_eval_batch_size=64, learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, logging_steps=100, seed=0,
-    )
-    base.update(kwargs)
-    return RobustConfig(**base)
+    return quick_config(RobustConfig, tmp_path / "out", **{"logging_steps": 100, **kwargs})
 
 
 def erm_trainer(tmp_path, data, family="timm_wrapper_resnet", **kwargs):

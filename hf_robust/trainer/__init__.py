@@ -10,6 +10,18 @@ _EXPORTS = {
     "RobustTrainer": ".base_trainer",
     "HubPushError": ".base_trainer",
     "Stage": ".base_trainer",
+    "MaskTuneConfig": ".masktune_config",
+    "MaskTuneTrainer": ".masktune_trainer",
+    "GradTuneConfig": ".gradtune_config",
+    "GradTuneTrainer": ".gradtune_trainer",
+    "DFRConfig": ".dfr_config",
+    "DFRTrainer": ".dfr_trainer",
+    "LastLayerArguments": ".last_layer_config",
+    "LastLayerMixin": ".last_layer",
+    "FairDropoutTrainingConfig": ".fairdropout_config",
+    "FairDropoutDFRConfig": ".fairdropout_config",
+    "FairDropoutTrainer": ".fairdropout_trainer",
+    "FairDropoutDFRTrainer": ".fairdropout_trainer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -555,6 +555,30 @@ class RobustTrainer(Trainer):
 
         return load_file(str(stage_dir / f"{name}.safetensors"))
 
+    def save_stage_json(self, stage_dir: Path, name: str, obj) -> None:
+        if self.is_world_process_zero():
+            atomic_write_json(stage_dir / f"{name}.json", obj)
+        self.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def load_stage_json(stage_dir: Path, name: str):
+        return json.loads((stage_dir / f"{name}.json").read_text())
+
+    def evaluate_stage(self, label: str, stage_dir: Path) -> None:
+        """Evaluate the current model on every eval split and keep it as the `label` baseline (e.g. "ERM" before
+        a method changes the model); saved in the stage folder so that a resumed run reports it too."""
+        if self.eval_dataset is None:
+            return
+        self.evaluate()
+        self.record_stage_results(label)
+        self.save_stage_json(stage_dir, "eval_results", {label: self.stage_results[label]})
+        self.eval_results = {}
+
+    def load_stage_results(self, stage_dir: Path) -> None:
+        path = stage_dir / "eval_results.json"
+        if path.is_file():
+            self.stage_results.update(json.loads(path.read_text()))
+
     # ------------------------------------------------------------------ distributed per-example pass
     def compute_per_example(
         self,

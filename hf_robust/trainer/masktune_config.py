@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base_config import RobustConfig
+
+
+@dataclass
+class MaskTuneConfig(RobustConfig):
+    r"""
+    Configuration of [`MaskTuneTrainer`] (Taghanaki et al., "MaskTune: Mitigating Spurious Correlations by
+    Forcing to Explore", NeurIPS 2022).
+
+    The ERM stage uses the usual training parameters (`num_train_epochs`, `learning_rate`, ...).
+
+    Parameters that control the masks:
+        mask_threshold_std (`float`, *optional*, defaults to `2.0`):
+            Per image, pixels whose normalised xGradCAM value exceeds `mean + k * std` of the image's positive
+            values are masked (k = this value; the paper found k = 2 best among 0..3).
+        masktune_iterations (`int`, *optional*, defaults to `1`):
+            Rounds of masking + one-epoch fine-tuning (paper appendix, Table 5).
+        accumulative_masking (`bool`, *optional*, defaults to `False`):
+            With several iterations, keep earlier masks and add the new ones (CAMs of later rounds are then
+            computed on the already-masked images).
+        min_masked_tokens (`int`, *optional*, defaults to `1`):
+            Text only: mask at least this many of the highest-attribution tokens of an example (if positive).
+
+    Parameters that control the fine-tuning:
+        erm_checkpoint (`str` or `None`, *optional*):
+            Folder of a trained model (`save_pretrained` layout) to start from instead of training ERM.
+        finetune_learning_rate (`float` or `None`, *optional*):
+            Learning rate of the one-epoch fine-tuning on the masked set (constant). Default: the ERM stage's
+            final learning rate; if ERM's schedule ends at 0 (linear/cosine), a tenth of `learning_rate`.
+
+    Parameters that control selective classification (paper section 2.2):
+        selective_coverages (`list[float]`, *optional*, defaults to `[1.0, 0.95, 0.9, 0.85, 0.8]`):
+            Target coverages; thresholds are calibrated on `selective_calibration_split`.
+        selective_calibration_split (`str`, *optional*, defaults to `"validation"`):
+            Evaluation split on which the abstention thresholds are set.
+        cam_examples_per_group (`int`, *optional*, defaults to `2`):
+            Examples per group shown in the CAM overlay plot.
+    """
+
+    erm_checkpoint: str | None = field(default=None, metadata={"help": "Start from this trained model instead of ERM."})
+    mask_threshold_std: float = field(default=2.0, metadata={"help": "k in the per-image threshold mean + k*std."})
+    masktune_iterations: int = field(default=1, metadata={"help": "Rounds of masking + one-epoch fine-tuning."})
+    accumulative_masking: bool = field(default=False, metadata={"help": "Add each round's masks to earlier ones."})
+    min_masked_tokens: int = field(default=1, metadata={"help": "Text: mask at least this many top tokens."})
+    finetune_learning_rate: float | None = field(
+        default=None, metadata={"help": "LR of the masked fine-tuning (default: ERM's final LR)."}
+    )
+    selective_coverages: list[float] = field(
+        default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8], metadata={"help": "Target coverages."}
+    )
+    selective_calibration_split: str = field(
+        default="validation", metadata={"help": "Split on which abstention thresholds are calibrated."}
+    )
+    cam_examples_per_group: int = field(default=2, metadata={"help": "Examples per group in the CAM plot."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.masktune_iterations < 1:
+            raise ValueError(f"masktune_iterations={self.masktune_iterations}: expected 1 or more.")
+        if self.mask_threshold_std < 0:
+            raise ValueError(f"mask_threshold_std={self.mask_threshold_std}: expected a value >= 0.")
+        if any(not 0 < c <= 1 for c in self.selective_coverages):
+            raise ValueError(f"selective_coverages={self.selective_coverages}: each must be in (0, 1].")

@@ -1,0 +1,320 @@
+"""MaskTune (Taghanaki et al., NeurIPS 2022): mask what the ERM model looks at, then fine-tune for one epoch.
+
+Stages: `erm` (or `erm_checkpoint`) -> `masks_1` -> `finetune_1` [-> `masks_2` -> `finetune_2` ...] ->
+`selective`.
+- masks: for every training example, XGrad-CAM at the adapter's CAM layer for the PREDICTED class, model in
+  eval mode, min-max normalised per image, upsampled bilinearly to the input size; pixels above
+  `mean + k * std` of the image's positive values are masked. Computed in batches on the device and gathered
+  across processes by `example_idx`; stored as packed bits (`MaskStore`). Text models: gradient x input on the
+  token embeddings, top tokens replaced by the mask token (beyond the paper).
+- finetune: the ERM model trained for exactly one epoch on the masked training set (masked pixels black, before
+  augmentation), at a small constant learning rate (default: ERM's final learning rate).
+- selective: the ERM x MaskTune ensemble as a selective classifier (paper section 2.2), thresholds calibrated
+  on validation; the softmax response of ERM as the baseline.
+
+Inspired by the authors' code (github.com/aliasgharkhani/Masktune) for the order of operations; written here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
+from ..data.core import DataValidationError
+from ..masking import MaskStore
+from ..selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
+from .base_trainer import RobustTrainer, Stage
+from .masktune_config import MaskTuneConfig
+
+logger = logging.getLogger(__name__)
+
+
+def image_masks(model, adapter, pixel_values: torch.Tensor, k: float = 2.0) -> torch.Tensor:
+    """MaskTune's masks for a batch of images: (B, H, W) bool at the input resolution."""
+    if pixel_values.ndim != 4:
+        raise DataValidationError(
+            f"Image masking needs pixel_values of shape (B, C, H, W); got a tensor of shape {tuple(pixel_values.shape)}."
+        )
+    cam, _ = xgradcam(model, adapter, {"pixel_values": pixel_values})
+    return threshold_masks(cam_at_input_size(cam, tuple(pixel_values.shape[-2:])), k)
+
+
+def cam_at_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Min-max normalised, bilinearly upsampled to `size`, normalised again: the maps the `grad-cam` package
+    (the authors' code) returns, whose upsampling moves the extremes slightly off 0 and 1."""
+    return normalize_per_image(upsample(normalize_per_image(cam), size))
+
+
+def token_masks(model, adapter, model_inputs: dict, special_ids: list[int], k: float = 2.0, min_tokens: int = 1):
+    """Masks over token positions (B, T) bool: tokens whose gradient x input attribution exceeds the threshold,
+    and at least the `min_tokens` best positive ones; never padding or special tokens."""
+    scores, _ = token_attributions(model, adapter, model_inputs)
+    input_ids = model_inputs["input_ids"]
+    valid = model_inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
+    valid &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
+    masks = threshold_masks(scores, k, valid)
+    if min_tokens > 0:
+        ranked = torch.where(valid & (scores > 0), scores, torch.full_like(scores, -float("inf")))
+        top = ranked.topk(min(min_tokens, scores.shape[1]), dim=1)
+        chosen = torch.zeros_like(masks).scatter(1, top.indices, top.values > -float("inf"))
+        masks |= chosen
+    return masks
+
+
+class MaskTuneTrainer(RobustTrainer):
+    """ERM, then MaskTune: see the module docstring. Args as [`RobustTrainer`], with a [`MaskTuneConfig`]."""
+
+    _tag_names = ["hf_robust", "masktune"]
+    _name = "MaskTune"
+    _paper = {
+        "title": "MaskTune: Mitigating Spurious Correlations by Forcing to Explore",
+        "url": "https://arxiv.org/abs/2210.00055",
+        "citation": (
+            "@inproceedings{taghanaki2022masktune,\n"
+            "  title={MaskTune: Mitigating Spurious Correlations by Forcing to Explore},\n"
+            "  author={Taghanaki, Saeid Asgari and Khani, Aliasghar and Khani, Fereshte and Gholami, Ali and "
+            "Tran, Linh and Mahdavi-Amiri, Ali and Hamarneh, Ghassan},\n"
+            "  booktitle={Advances in Neural Information Processing Systems},\n  year={2022}\n}"
+        ),
+    }
+    _summary = (
+        "MaskTune trains ERM, masks for every training example the input region its explanation (XGrad-CAM for "
+        "the predicted class) relies on most, and fine-tunes for a single epoch on the masked data: the model "
+        "has to find other features than the shortcut. With the ERM model it also forms a selective classifier "
+        "that abstains when the two disagree."
+    )
+
+    def __init__(self, model, args: MaskTuneConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            args = MaskTuneConfig(output_dir="masktune_output")
+        if not isinstance(args, MaskTuneConfig):
+            raise TypeError(f"MaskTuneTrainer needs a MaskTuneConfig, got {type(args).__name__}.")
+        super().__init__(model, args, *pargs, **kwargs)
+        if self.train_dataset is None:
+            raise DataValidationError("MaskTuneTrainer needs a train_dataset: the masks are computed on it.")
+        if self.input_kind == "image":
+            self.adapter.require("cam_layer")
+        else:
+            self.adapter.require("embedding_layer")
+            if getattr(self.processing_class, "mask_token_id", None) is None:
+                raise DataValidationError(
+                    f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
+                    f"{type(self.processing_class).__name__} has none: use a tokenizer with a mask token (BERT-style)."
+                )
+        if args.erm_checkpoint is not None and not Path(args.erm_checkpoint).is_dir():
+            raise FileNotFoundError(f"erm_checkpoint={args.erm_checkpoint!r} is not a folder of a saved model.")
+        self.masks: MaskStore | None = None
+        self.finetune_learning_rate: float | None = None
+        self.selective_results: dict = {}
+        self._erm_model = None
+
+    # ------------------------------------------------------------------ stages
+    def stages(self) -> list[Stage]:
+        stages = [Stage("erm", self._run_erm, self._load_erm)]
+        for i in range(1, self.args.masktune_iterations + 1):
+            stages.append(Stage(f"masks_{i}", partial(self._run_masks, i), self._load_masks))
+            stages.append(Stage(f"finetune_{i}", self._run_finetune, self.load_model_state))
+        stages.append(Stage("selective", self._run_selective, self._load_selective))
+        return stages
+
+    def _run_erm(self, stage_dir: Path, resume: bool) -> None:
+        if self.args.erm_checkpoint:
+            self._load_erm_checkpoint(Path(self.args.erm_checkpoint))
+            final_lr = None
+        else:
+            self.train_stage(stage_dir, resume)
+            final_lr = float(self.lr_scheduler.get_last_lr()[0]) if self.lr_scheduler is not None else None
+        self.save_model_state(stage_dir)
+        self.finetune_learning_rate = self._choose_finetune_lr(final_lr)
+        self.save_stage_json(stage_dir, "stage_info", {"finetune_learning_rate": self.finetune_learning_rate})
+        self.evaluate_stage("ERM", stage_dir)
+
+    def _load_erm(self, stage_dir: Path) -> None:
+        self.load_model_state(stage_dir)
+        self.finetune_learning_rate = self.load_stage_json(stage_dir, "stage_info")["finetune_learning_rate"]
+        self.load_stage_results(stage_dir)
+
+    def _load_erm_checkpoint(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"erm_checkpoint {folder} holds no .safetensors weights.")
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        model = self.accelerator.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+
+    def _choose_finetune_lr(self, erm_final_lr: float | None) -> float:
+        if self.args.finetune_learning_rate is not None:
+            return self.args.finetune_learning_rate
+        if erm_final_lr is None or erm_final_lr <= 1e-3 * self.args.learning_rate:
+            fallback = self.args.learning_rate / 10
+            logger.warning(
+                "ERM's schedule ends at a learning rate of %s, too small to fine-tune with; MaskTune fine-tunes at "
+                "learning_rate / 10 = %s. Set finetune_learning_rate to choose.", erm_final_lr, fallback,
+            )
+            return fallback
+        return erm_final_lr
+
+    def _run_masks(self, iteration: int, stage_dir: Path, resume: bool) -> None:
+        previous = self.masks if (self.args.accumulative_masking and iteration > 1) else None
+        collator = self.eval_collator
+        if previous is not None:  # later rounds look at the images as the model was trained on them
+            collator = collator.with_options(example_transform=self._transform(previous))
+        outputs = self.compute_per_example(
+            self.train_dataset, self._mask_batch, description=f"Masking {iteration}", collator=collator
+        )
+        store = MaskStore(outputs["mask"], outputs["example_idx"])
+        if previous is not None:
+            store = previous.union(store)
+        self.save_stage_tensors(stage_dir, store.state_dict(), name="masks")
+        self.masks = store
+        fraction = store.masked_fraction()
+        self.log({f"masks_{iteration}/masked_fraction_mean": float(fraction.mean()),
+                  f"masks_{iteration}/unmasked_examples": float((fraction == 0).float().mean())})
+
+    def _load_masks(self, stage_dir: Path) -> None:
+        self.masks = MaskStore.from_state_dict(self.load_stage_tensors(stage_dir, "masks"))
+
+    def _mask_batch(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        k = self.args.mask_threshold_std
+        if self.input_kind == "image":
+            return {"mask": image_masks(model, self.adapter, batch["pixel_values"], k)}
+        inputs = {key: value for key, value in self.model_inputs(batch).items() if key != "labels"}
+        masks = token_masks(model, self.adapter, inputs, self.processing_class.all_special_ids, k,
+                            self.args.min_masked_tokens)
+        return {"mask": masks}
+
+    def _transform(self, store: MaskStore):
+        if self.input_kind == "image":
+            return store.apply_to_pixels
+        return store.token_transform(self.processing_class.mask_token_id)
+
+    def _run_finetune(self, stage_dir: Path, resume: bool) -> None:
+        plain = self.train_collator
+        self.train_collator = plain.with_options(example_transform=self._transform(self.masks))
+        try:
+            self.train_stage(
+                stage_dir, resume, num_train_epochs=1, max_steps=-1, learning_rate=self.finetune_learning_rate,
+                lr_scheduler_type="constant", warmup_steps=0,
+            )
+        finally:
+            self.train_collator = plain
+        self.save_model_state(stage_dir)
+
+    # ------------------------------------------------------------------ selective classification
+    def erm_model(self):
+        """The ERM model (a copy restored from the `erm` stage), for the ensemble and the CAM plots."""
+        if self._erm_model is None:
+            from safetensors.torch import load_model
+
+            model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            load_model(model, str(self.stage_dir("erm") / "model.safetensors"), device=str(self.args.device))
+            self._erm_model = model.eval()
+        return self._erm_model
+
+    def _eval_splits(self) -> dict:
+        if self.eval_dataset is None:
+            return {}
+        return dict(self.eval_dataset) if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+
+    def _run_selective(self, stage_dir: Path, resume: bool) -> None:
+        splits = self._eval_splits()
+        calibration = self.args.selective_calibration_split
+        if calibration not in splits:
+            logger.warning("No %r eval split: selective classification is not evaluated.", calibration)
+            self.save_stage_json(stage_dir, "selective", {})
+            return
+
+        def logits_of(model):
+            def fn(_, batch):
+                with torch.no_grad():
+                    out = model(**{k: v for k, v in self.model_inputs(batch).items() if k != "labels"})
+                return {"logits": out.logits, "labels": batch["labels"]}
+
+            return fn
+
+        erm, final = self.erm_model(), self.accelerator.unwrap_model(self.model)
+        responses = {"masktune_ensemble": {}, "erm_softmax_response": {}, "masktune_softmax_response": {}}
+        curves = {name: {} for name in responses}
+        for name, dataset in splits.items():
+            a = self.compute_per_example(dataset, logits_of(erm), description=f"ERM logits {name}")
+            b = self.compute_per_example(dataset, logits_of(final), description=f"MaskTune logits {name}")
+            labels = a["labels"]
+            for key, (pred, conf) in {
+                "masktune_ensemble": ensemble_response(a["logits"], b["logits"]),
+                "erm_softmax_response": softmax_response(a["logits"]),
+                "masktune_softmax_response": softmax_response(b["logits"]),
+            }.items():
+                responses[key][name] = (pred, conf, labels)
+                coverage, risk = risk_coverage_curve(pred == labels, conf)
+                curves[key][name] = {"coverage": coverage[:: max(1, len(coverage) // 200)].tolist(),
+                                     "risk": risk[:: max(1, len(risk) // 200)].tolist()}
+        report = {key: selective_report(value, calibration, self.args.selective_coverages)
+                  for key, value in responses.items()}
+        self.selective_results = {"calibration_split": calibration, "report": report, "curves": curves}
+        self.save_stage_json(stage_dir, "selective", self.selective_results)
+
+    def _load_selective(self, stage_dir: Path) -> None:
+        self.selective_results = self.load_stage_json(stage_dir, "selective")
+
+    # ------------------------------------------------------------------ report
+    def results(self) -> dict:
+        results = super().results()
+        results["finetune_learning_rate"] = self.finetune_learning_rate
+        if self.masks is not None:
+            results["masked_fraction_mean"] = float(self.masks.masked_fraction().mean())
+        if self.selective_results:
+            results["selective"] = {k: v for k, v in self.selective_results.items() if k != "curves"}
+        return results
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        if self.is_world_process_zero() and self.args.save_plots:
+            out = Path(output_dir or self.args.output_dir) / "plots"
+            from ..plots import plot_risk_coverage
+
+            if self.selective_results.get("curves"):
+                plot_risk_coverage(self.selective_results["curves"], out / "risk_coverage.png")
+            if self.input_kind == "image" and self.masks is not None:
+                self._plot_cams(out / "cam_overlays.png")
+        super().write_report(output_dir)
+
+    def _plot_cams(self, path: Path) -> None:
+        from ..plots import plot_cam_overlays
+
+        data = self.train_dataset
+        groups = np.asarray(data["group"])
+        chosen = []
+        for g in sorted(set(groups.tolist())):
+            chosen += np.flatnonzero(groups == g)[: self.args.cam_examples_per_group].tolist()
+        rows = [data[i] for i in chosen]
+        batch = self._prepare_inputs(self.eval_collator(rows))
+        pixels = self.eval_collator.image_preprocessing.to_uint8([row["image"] for row in rows])
+        size = tuple(pixels.shape[-2:])
+        maps = {}
+        erm = self.erm_model()
+        for name, model, adapter in (("ERM", erm, self._adapter_for(erm)),
+                                     (self._name, self.accelerator.unwrap_model(self.model), self.adapter)):
+            cam, _ = xgradcam(model, adapter, {"pixel_values": batch["pixel_values"]})
+            maps[name] = cam_at_input_size(cam, size).cpu()
+        masks = self.masks[batch["example_idx"].cpu()]
+        names = data.features["group"].names if hasattr(data.features["group"], "names") else None
+        labels = [names[g] if names and g >= 0 else str(g) for g in groups[chosen].tolist()]
+        plot_cam_overlays(pixels, maps, masks, labels, path)
+
+    def _adapter_for(self, model):
+        from ..adapters import get_adapter
+
+        return get_adapter(model, classifier=self.args.classifier_layer, target_layer=self.args.cam_target_layer)

@@ -1,0 +1,376 @@
+"""MaskTune: batched XGrad-CAM against independent references, mask location and storage, the stages,
+resume, determinism, text masking, selective classification, bad inputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, quick_config
+from torch import nn
+
+from hf_robust.adapters import get_adapter
+from hf_robust.cam import threshold_masks, token_attributions, xgradcam
+from hf_robust.data import DataValidationError
+from hf_robust.masking import MaskStore, pack_bits, unpack_bits
+from hf_robust.selective import SelectiveClassifier, calibrate_thresholds, ensemble_response, selective_report
+from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer
+from hf_robust.trainer.base_trainer import maybe_wrap_timm
+from hf_robust.trainer.masktune_trainer import cam_at_input_size, image_masks, token_masks
+
+
+# ----------------------------------------------------------------------------- XGrad-CAM
+def reference_xgradcam(model, adapter, pixel_values):
+    """Straightforward per-image XGrad-CAM: one image at a time, full backward, retain_grad on the activation."""
+    maps = []
+    model.eval()
+    for image in pixel_values:
+        store = {}
+
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            out.retain_grad()
+            store["act"] = out
+
+        handle = adapter.cam_layer.register_forward_hook(hook)
+        logits = model(pixel_values=image[None]).logits
+        handle.remove()
+        model.zero_grad()
+        logits[0, logits[0].argmax()].backward()
+        act = adapter.activation_to_map(store["act"].detach())[0]
+        grad = adapter.activation_to_map(store["act"].grad)[0]
+        weights = np.array([(grad[c] * act[c]).sum().item() / (act[c].sum().item() + 1e-7) for c in range(act.shape[0])])
+        cam = np.maximum((weights[:, None, None] * act.numpy()).sum(0), 0)
+        maps.append(cam)
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize("family", ["timm_wrapper_resnet", "hf_resnet", "hf_vit", "timm_vit"])
+def test_batched_xgradcam_matches_per_image_reference(family):
+    model, _ = make_model(family)
+    model = maybe_wrap_timm(model)
+    adapter = get_adapter(model)
+    x = torch.randn(5, 3, 32, 32)
+    cam, logits = xgradcam(model, adapter, {"pixel_values": x})
+    expected = reference_xgradcam(model, adapter, x)
+    assert cam.shape == expected.shape
+    np.testing.assert_allclose(cam.numpy(), expected, rtol=1e-3, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), model(pixel_values=x).logits.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["timm_wrapper_resnet", "hf_vit"])
+def test_xgradcam_pipeline_matches_grad_cam_package(family):
+    """The `grad-cam` package's XGradCAM (what the authors run): normalised, resized maps agree."""
+    pytest.importorskip("pytorch_grad_cam", reason="optional reference: pip install grad-cam")
+    from pytorch_grad_cam import XGradCAM
+
+    model, _ = make_model(family)
+    adapter = get_adapter(model)
+    model.eval()
+
+    class Logits(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(pixel_values=x).logits
+
+    reshape = None
+    if adapter.cam_layout == "tokens":
+        def reshape(tensor):  # noqa: E306
+            return adapter.activation_to_map(tensor)
+
+    x = torch.randn(4, 3, 32, 32)
+    with XGradCAM(model=Logits(model), target_layers=[adapter.cam_layer], reshape_transform=reshape) as explainer:
+        reference = explainer(input_tensor=x, targets=None)  # targets=None: the predicted class
+    cam, _ = xgradcam(model, adapter, {"pixel_values": x})
+    ours = cam_at_input_size(cam, (32, 32)).numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_xgradcam_leaves_mode_and_gradients_alone():
+    model, _ = make_model("timm_wrapper_resnet")
+    model.train()
+    frozen = model.timm_model.layer1[0].conv1.weight
+    frozen.requires_grad_(False)
+    xgradcam(model, get_adapter(model), {"pixel_values": torch.randn(2, 3, 32, 32)})
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert not frozen.requires_grad
+    # a fully frozen model still gets maps (the activation is made a leaf)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cam, _ = xgradcam(model, get_adapter(model), {"pixel_values": torch.randn(2, 3, 32, 32)})
+    assert cam.shape == (2, 4, 4)
+
+
+class RedDetector(nn.Module):
+    """A CNN whose class-0 evidence is 'red pixels' (plus a weak uniform background, which makes the map dense
+    as real CAMs are): its CAM must light up the red square."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 1, 1), nn.ReLU(), nn.AvgPool2d(2))
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1))
+            self.features[0].bias.fill_(0.05)
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, -0.1]))  # class 0 predicted: the CAM target
+
+    def forward(self, pixel_values):
+        return self.head(self.features(pixel_values).mean((2, 3)))
+
+
+def test_masks_cover_the_spurious_square():
+    model = RedDetector()
+    adapter = get_adapter(model, classifier="head", target_layer="features")
+    images = torch.zeros(3, 3, 32, 32)
+    images[:, 1, 10:20, 10:20] = 0.6  # a green blob (not evidence for class 0)
+    images[0, 0, 2:6, 2:6] = 1.0  # red squares at different places
+    images[1, 0, 24:28, 4:8] = 1.0
+    images[2, 0, 12:16, 26:30] = 1.0
+    masks = image_masks(model, adapter, images, k=2.0)
+    for i, (top, left) in enumerate([(2, 2), (24, 4), (12, 26)]):
+        square = torch.zeros(32, 32, dtype=torch.bool)
+        square[top : top + 4, left : left + 4] = True
+        assert masks[i][square].float().mean() >= 0.75, i  # the square is masked
+        assert (masks[i] & ~square).sum() <= 20, i  # and little else (bilinear upsampling bleeds one ring)
+        assert not masks[i][10:20, 10:20].any()
+
+
+def test_threshold_masks_rule():
+    scores = torch.tensor([[0.0, 0.1, 0.2, 0.9, 1.0, 0.0], [0.0] * 6, [-1.0, 0.5, 0.5, 0.5, 0.5, 3.0]])
+    masks = threshold_masks(scores, k=1.0)
+    for row, mask in zip(scores, masks):
+        positive = row[row > 0].numpy()
+        if positive.size == 0:
+            assert not mask.any()  # an all-zero map masks nothing
+            continue
+        tau = positive.mean() + positive.std()
+        assert mask.tolist() == [bool(v > tau and v > 0) for v in row.tolist()]
+    valid = torch.tensor([[True] * 5 + [False]] * 3)
+    assert not threshold_masks(scores, k=0.0, valid=valid)[:, 5].any()
+
+
+# ----------------------------------------------------------------------------- MaskStore
+def test_mask_store_pack_lookup_apply_union_save(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(7, 5, 6, generator=generator) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(masks), (5, 6)), masks)
+    idx = torch.tensor([40, 3, 17, 8, 99, 0, 5])
+    store = MaskStore(masks, idx)
+    assert store.packed.shape == (7, 4) and store.packed.dtype == torch.uint8  # 30 bits -> 4 bytes
+    assert torch.equal(store[torch.tensor([17, 40])], masks[[2, 0]])
+    with pytest.raises(KeyError, match=r"No mask for example_idx \[41\]"):
+        store[torch.tensor([41])]
+    pixels = torch.full((2, 3, 5, 6), 200, dtype=torch.uint8)
+    out = store.apply_to_pixels(pixels, torch.tensor([99, 5]))
+    assert torch.equal(out[0, 1] == 0, masks[4]) and torch.equal(out[1, 2] == 0, masks[6])
+    other = MaskStore(~masks, idx)
+    assert store.union(other).masks().all()
+    store.save(tmp_path / "m.safetensors")
+    loaded = MaskStore.load(tmp_path / "m.safetensors")
+    assert torch.equal(loaded[idx], store[idx])
+    tokens = MaskStore(torch.tensor([[False, True, False, True]]), torch.tensor([0]))
+    ids = torch.tensor([[1, 2, 3]])
+    assert tokens.token_transform(mask_token_id=9)(ids, torch.tensor([0])).tolist() == [[1, 9, 3]]
+
+
+# ----------------------------------------------------------------------------- the trainer
+def mt_config(tmp_path, **kwargs):
+    return quick_config(MaskTuneConfig, tmp_path / "mt", **kwargs)
+
+
+def mt_trainer(tmp_path, data, **kwargs):
+    torch.manual_seed(0)
+    model, _ = make_model("timm_wrapper_resnet")
+    return MaskTuneTrainer(model, mt_config(tmp_path, **kwargs), train_dataset=data["train"],
+                           eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]})
+
+
+@pytest.fixture(scope="module")
+def mt_run(tmp_path_factory, small_digits):
+    trainer = mt_trainer(tmp_path_factory.mktemp("mt_run"), small_digits, finetune_learning_rate=3e-4,
+                         mask_threshold_std=1.0)
+    trainer.train()
+    return trainer
+
+
+def test_masktune_stages_masks_finetune_and_report(mt_run, small_digits):
+    trainer = mt_run
+    assert trainer.finished_stages == ["erm", "masks_1", "finetune_1", "selective"]
+    store = trainer.masks
+    assert len(store) == len(small_digits["train"]) and store.shape == (32, 32)
+    assert store.masked_fraction().mean() > 0
+    # the masks are what image_masks computes for the ERM model, on the unmasked images
+    erm = trainer.erm_model()
+    rows = [small_digits["train"][i] for i in range(8)]
+    batch = trainer.eval_collator(rows)
+    expected = image_masks(erm, get_adapter(erm), batch["pixel_values"], k=1.0)
+    assert torch.equal(store[batch["example_idx"]], expected)
+    # exactly one epoch at the constant fine-tuning learning rate
+    log = trainer.stage_log_history["finetune_1"]
+    steps = [e for e in log if "learning_rate" in e]
+    assert len(steps) == int(np.ceil(len(small_digits["train"]) / 32))
+    assert {e["learning_rate"] for e in steps} == {3e-4}
+    assert log[-1]["epoch"] == 1.0
+    trainer.evaluate()
+    trainer.save_model()
+    results = json.loads((Path(trainer.args.output_dir) / "results.json").read_text())
+    assert set(results["stages"]) == {"ERM"} and set(results["splits"]) == {"validation", "test_biased"}
+    selective = results["selective"]["report"]
+    assert set(selective) == {"masktune_ensemble", "erm_softmax_response", "masktune_softmax_response"}
+    assert selective["masktune_ensemble"]["validation"]["coverage_at_90"] == pytest.approx(0.9, abs=0.02)
+    for plot in ("group_accuracy.png", "cam_overlays.png", "risk_coverage.png"):
+        assert (Path(trainer.args.output_dir) / "plots" / plot).stat().st_size > 1000
+
+
+def test_masktune_resume_after_masks_does_not_recompute_them(tmp_path, small_digits, monkeypatch):
+    trainer = mt_trainer(tmp_path, small_digits, mask_threshold_std=1.0)
+    calls = {"masks": 0}
+    original = MaskTuneTrainer._mask_batch
+
+    def counting(self, model, batch):
+        calls["masks"] += 1
+        return original(self, model, batch)
+
+    monkeypatch.setattr(MaskTuneTrainer, "_mask_batch", counting)
+    monkeypatch.setattr(MaskTuneTrainer, "_run_finetune", lambda self, d, r: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    first_masks, first_calls = trainer.masks.masks(), calls["masks"]
+    assert first_calls > 0
+    monkeypatch.undo()
+    monkeypatch.setattr(MaskTuneTrainer, "_mask_batch", counting)
+    resumed = mt_trainer(tmp_path, small_digits, mask_threshold_std=1.0)
+    resumed.train(resume_from_checkpoint=True)
+    assert calls["masks"] == first_calls  # not one more masking batch
+    assert resumed.skipped_stages == ["erm", "masks_1"]
+    assert torch.equal(resumed.masks.masks(), first_masks)
+    assert "ERM" in resumed.stage_results  # the ERM baseline survives the resume
+
+
+def test_same_seed_same_masks(tmp_path, small_digits, mt_run):
+    again = mt_trainer(tmp_path, small_digits, finetune_learning_rate=3e-4, mask_threshold_std=1.0)
+    again.train()
+    assert torch.equal(again.masks.masks(), mt_run.masks.masks())
+    assert torch.equal(again.masks.example_idx, mt_run.masks.example_idx)
+    assert again.masks.masked_fraction().mean() > 0
+
+
+def test_accumulative_masking_keeps_earlier_masks(tmp_path, small_digits):
+    trainer = mt_trainer(tmp_path, small_digits, masktune_iterations=2, accumulative_masking=True,
+                         mask_threshold_std=1.0)
+    seen = []
+    original = MaskTuneTrainer._run_masks
+
+    def spy(self, iteration, stage_dir, resume):
+        original(self, iteration, stage_dir, resume)
+        seen.append(self.masks.masks().clone())
+
+    MaskTuneTrainer._run_masks = spy
+    try:
+        trainer.train()
+    finally:
+        MaskTuneTrainer._run_masks = original
+    assert trainer.finished_stages == ["erm", "masks_1", "finetune_1", "masks_2", "finetune_2", "selective"]
+    assert (seen[1] | seen[0]).equal(seen[1])  # round 2 contains round 1
+    assert seen[1].sum() >= seen[0].sum()
+
+
+def test_masktune_on_text_masks_real_tokens(tmp_path, text_data, tokenizer):
+    model, _ = make_model("hf_bert", vocab_size=tokenizer.vocab_size)
+    trainer = MaskTuneTrainer(model, mt_config(tmp_path, per_device_train_batch_size=16, max_length=32),
+                              train_dataset=text_data["train"], eval_dataset={"validation": text_data["validation"]},
+                              processing_class=tokenizer)
+    trainer.train()
+    batch = trainer.eval_collator([text_data["train"][i] for i in range(len(text_data["train"]))])
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    stored = trainer.masks[batch["example_idx"]][:, : batch["input_ids"].shape[1]]
+    erm = trainer.erm_model()
+    adapter = get_adapter(erm)
+    assert torch.equal(stored, token_masks(erm, adapter, inputs, tokenizer.all_special_ids, k=2.0, min_tokens=1))
+    special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    assert not (stored & special).any()  # never [CLS], [SEP] or padding
+    scores, _ = token_attributions(erm, adapter, inputs)
+    has_positive = ((scores > 0) & ~special & batch["attention_mask"].bool()).any(1)
+    assert torch.equal(stored.any(1), has_positive)  # at least the top token wherever one is positive
+    assert has_positive.float().mean() > 0.5
+
+
+def test_masktune_bad_inputs(tmp_path, small_digits, text_data, tokenizer):
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+            self.classifier = nn.Linear(2, 2)
+
+        def forward(self, pixel_values, labels=None):
+            return self.classifier(self.conv(pixel_values).mean((2, 3)))
+
+    with pytest.raises(Exception, match="no CAM target layer.*target_layer="):
+        MaskTuneTrainer(Plain(), mt_config(tmp_path, classifier_layer="classifier"), train_dataset=small_digits["train"])
+    import copy
+
+    no_mask = copy.deepcopy(tokenizer)
+    no_mask.mask_token = None
+    bert, _ = make_model("hf_bert", vocab_size=tokenizer.vocab_size)
+    with pytest.raises(DataValidationError, match="has none: use a tokenizer with a mask token"):
+        MaskTuneTrainer(bert, mt_config(tmp_path), train_dataset=text_data["train"], processing_class=no_mask)
+    with pytest.raises(DataValidationError, match="needs a train_dataset"):
+        MaskTuneTrainer(make_model("timm_wrapper_resnet")[0], mt_config(tmp_path))
+    with pytest.raises(DataValidationError, match=r"pixel_values of shape \(B, C, H, W\)"):
+        image_masks(make_model("timm_wrapper_resnet")[0], get_adapter(make_model("timm_wrapper_resnet")[0]),
+                    torch.randint(0, 100, (2, 12)))
+    with pytest.raises(FileNotFoundError, match="erm_checkpoint='nowhere'"):
+        MaskTuneTrainer(make_model("timm_wrapper_resnet")[0], mt_config(tmp_path, erm_checkpoint="nowhere"),
+                        train_dataset=small_digits["train"])
+    with pytest.raises(ValueError, match="masktune_iterations=0"):
+        mt_config(tmp_path, masktune_iterations=0)
+
+
+def test_masktune_from_erm_checkpoint(tmp_path, small_digits):
+    model, _ = make_model("timm_wrapper_resnet", seed=3)
+    model.save_pretrained(tmp_path / "erm_model")
+    trainer = mt_trainer(tmp_path, small_digits, erm_checkpoint=str(tmp_path / "erm_model"),
+                         finetune_learning_rate=1e-4)
+    trainer.train()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(trainer.erm_model()(pixel_values=x).logits, model.eval()(pixel_values=x).logits, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- selective classification
+def test_selective_ensemble_and_calibration():
+    erm = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.9], [0.0, 3.0]])
+    mt = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    pred, conf = ensemble_response(erm, mt)
+    product = erm.softmax(-1) * mt.softmax(-1)
+    assert torch.equal(pred, product.argmax(-1)) and torch.allclose(conf, product.max(-1).values)
+    thresholds = calibrate_thresholds(conf, [1.0, 0.5])
+    assert (conf >= thresholds[0.5]).float().mean() == 0.5 and (conf >= thresholds[1.0]).all()
+    labels = torch.tensor([0, 0, 1, 1])
+    report = selective_report({"validation": (pred, conf, labels), "test": (pred, conf, labels)}, "validation", [1.0, 0.5])
+    assert report["test"]["coverage_at_50"] == 0.5
+    correct = (pred == labels).float()
+    top2 = conf.argsort(descending=True)[:2]
+    assert report["test"]["risk_at_50"] == pytest.approx(1 - correct[top2].mean().item())
+
+
+def test_selective_classifier_abstains_when_models_disagree():
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, pixel_values):
+            return type("Out", (), {"logits": self.logits})()
+
+    a = Fixed(torch.tensor([[5.0, 0.0], [5.0, 0.0]]))
+    b = Fixed(torch.tensor([[5.0, 0.0], [0.0, 5.0]]))
+    classifier = SelectiveClassifier(a, b)
+    predictions = classifier.predict(threshold=0.5, pixel_values=torch.zeros(2, 1))
+    assert predictions.tolist() == [0, -1]  # agree -> answer; disagree -> abstain
