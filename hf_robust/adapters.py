@@ -5,10 +5,16 @@ An adapter answers, for a model:
 - `cam_layer`: where class activation maps are taken (xGradCAM for MaskTune, the CNN path of counterfactual
   distillation), and how to read its activation as a (B, C, H, W) map;
 - `fair_dropout_positions`: the named places FairDropout can sit (SPEC 4.3);
-- `embedding_layer` for text models (token attributions).
+- `embedding_layer` for text models (token attributions);
+- `cam_method`: how a class activation map is made for the model — `"attention_rollout"` (gradient-weighted
+  attention rollout, for transformers ViT-like models that return attention maps) or `"xgradcam"` at
+  `cam_layer` — and `patch_grid`, the (h, w) grid of patches the map lives on where it is known in advance;
+- `image_embedding`: the image embedding counterfactual distillation matches between student and teacher (for
+  a CLIP zero-shot classifier the projected, unnormalised CLIP embedding; otherwise the penultimate features).
 
 Families: HF BERT-style encoders (BERT, RoBERTa, DistilBERT, ... with a `classifier` head), HF ViT, HF ResNet,
-timm ResNets and ViTs (raw, or inside transformers' `TimmWrapperForImageClassification`). peft-wrapped models
+timm ResNets and ViTs (raw, or inside transformers' `TimmWrapperForImageClassification`), CLIP image towers
+with a zero-shot head (`hf_robust.clip.CLIPZeroShotClassifier`). peft-wrapped models
 (LoRA, ...) are looked through. Anything else gets an error that names what is missing and the argument that
 supplies it (`classifier=`, `target_layer=`).
 """
@@ -38,12 +44,19 @@ class FairDropoutPosition:
     """Where FairDropout can act: on the `output` of `module`, or on the `input` of `module` (the classifier).
 
     `layout` says which axis holds the neurons: `channels` (B, C, H, W), `tokens` (B, T, D), `features` (B, D).
+    `projection`: FairDropout acts on a NEW linear projection (D -> D) inserted there (BERT's `fc`).
+    `consumers`: the layers that read these neurons on their input axis (weight dim 1: the next stage's first
+    convs, or the classifier after a channel-wise pooling), into which an export folds the eval-time mask;
+    `fold_error` says why a position cannot be folded (a residual stream, a LayerNorm, an identity shortcut).
     """
 
     module: nn.Module
     where: str
     layout: str
     num_features: int | None = None
+    projection: bool = False
+    consumers: tuple[nn.Module, ...] = ()
+    fold_error: str | None = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -113,7 +126,14 @@ class ModelAdapter:
     num_prefix_tokens: int = 0
     embedding_module: nn.Module | None = None
     positions: dict[str, FairDropoutPosition] = field(default_factory=dict)
+    # where FairDropout goes when no position is named (the paper's choices: after the third residual stage
+    # of a ResNet, on a new projection before a text classifier)
+    default_positions: tuple[str, ...] = ()
     main_input_name: str = "pixel_values"
+    cam_method: str = "xgradcam"
+    patch_grid: tuple[int, int] | None = None
+    # whose OUTPUT is the image embedding distilled by counterfactual distillation (default: classifier input)
+    image_embedding_module: nn.Module | None = None
 
     # -- pieces the methods ask for; each raises a clear error when the family does not have it
     def require(self, *pieces: str) -> None:
@@ -206,6 +226,93 @@ class ModelAdapter:
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         return store["features"].flatten(1), logits
 
+    @contextlib.contextmanager
+    def capture_image_embedding(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Within the block, every forward stores the image embedding in the yielded dict['embedding']."""
+        store: dict[str, torch.Tensor] = {}
+        if self.image_embedding_module is None:
+            self.require("classifier")
+
+            def read_input(module, args):
+                store["embedding"] = args[0]
+
+            handle = self.classifier_module.register_forward_pre_hook(read_input)
+        else:
+
+            def read_output(module, args, output):
+                store["embedding"] = output[0] if isinstance(output, (tuple, list)) else output
+
+            handle = self.image_embedding_module.register_forward_hook(read_output)
+        try:
+            yield store
+        finally:
+            handle.remove()
+
+    def image_embedding(self, model_inputs: dict) -> torch.Tensor:
+        """The image embedding (B, D) of a batch (one forward of `self.model`)."""
+        with self.capture_image_embedding() as store:
+            self.model(**model_inputs)
+        return store["embedding"].flatten(1)
+
+    def enable_attention_maps(self) -> None:
+        """Make the model return attention maps that carry gradients (`output_attentions=True` needs eager
+        attention; SDPA and flash kernels return none). Fails clearly for a model without them."""
+        if self.cam_method != "attention_rollout":
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} ({self.family}) has no attention maps for attention rollout; its CAM "
+                f"method is {self.cam_method!r}."
+            )
+        config = getattr(self.model, "config", None)
+        if getattr(config, "_attn_implementation", "eager") != "eager":
+            self.model.set_attn_implementation("eager")
+
+
+_TRANSFORMER_FOLD_ERROR = (
+    "a transformer block's output is the residual stream, read by LayerNorms that normalise over all neurons, so "
+    "its eval-time mask cannot be folded into stock weights; use the 'pooled' position for an exportable model"
+)
+
+
+def _stage_consumers(next_stage_convs: list[nn.Module | None], classifier: nn.Module | None, is_last: bool,
+                     stage_name: str):
+    """(consumers, fold_error) of a ResNet stage's output: the first block of the next stage (its first conv and
+    its shortcut conv), or the classifier after the global average pool."""
+    if is_last:
+        if classifier is None:
+            return (), f"no classifier reads the output of {stage_name}"
+        return (classifier,), None
+    first_conv, shortcut_conv = next_stage_convs
+    if shortcut_conv is None:
+        return (), (
+            f"the block after {stage_name} adds its input through an identity shortcut (no downsampling conv), so "
+            "the mask cannot be folded into a weight"
+        )
+    return (first_conv, shortcut_conv), None
+
+
+def _last_block(stage: nn.Module) -> nn.Module:
+    """The module whose output is a ResNet stage's output: its last block. (Hooks go there, not on the stage:
+    timm's activation checkpointing calls the blocks one by one, never the stage.)"""
+    if isinstance(stage, nn.Sequential) and len(stage):
+        return stage[-1]
+    return stage
+
+
+def _first_conv(module: nn.Module | None) -> nn.Module | None:
+    if module is None:
+        return None
+    return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _patch_grid(config) -> tuple[int, int] | None:
+    """(h, w) patches of a ViT-like config (`image_size`, `patch_size`), if it has them."""
+    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if image is None or patch is None:
+        return None
+    image = tuple(image) if isinstance(image, (list, tuple)) else (image, image)
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+    return image[0] // patch[0], image[1] // patch[1]
+
 
 def _natural(name: str):
     digits = "".join(ch for ch in name if ch.isdigit())
@@ -221,10 +328,11 @@ def _timm_adapter(model: nn.Module, timm_model: nn.Module, family_prefix: str) -
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and hasattr(timm_model, "num_prefix_tokens"):
         dim = getattr(timm_model, "embed_dim", None)
         positions = {
-            f"block{i}": FairDropoutPosition(block, "output", "tokens", dim) for i, block in enumerate(blocks)
+            f"block{i}": FairDropoutPosition(block, "output", "tokens", dim, fold_error=_TRANSFORMER_FOLD_ERROR)
+            for i, block in enumerate(blocks)
         }
         if classifier is not None:
-            positions["pooled"] = FairDropoutPosition(classifier, "input", "features", dim)
+            positions["pooled"] = FairDropoutPosition(classifier, "input", "features", dim, consumers=(classifier,))
         return ModelAdapter(
             model=model,
             family=f"{family_prefix}vit",
@@ -234,15 +342,23 @@ def _timm_adapter(model: nn.Module, timm_model: nn.Module, family_prefix: str) -
             cam_layout="tokens",
             num_prefix_tokens=int(timm_model.num_prefix_tokens),
             positions=positions,
+            default_positions=("pooled",) if classifier is not None else (),
         )
     # A ResNet-like timm model: layer1..layer4
     stages = [getattr(timm_model, f"layer{i}", None) for i in range(1, 5)]
     if all(isinstance(stage, nn.Module) for stage in stages):
         info = {entry["module"]: entry["num_chs"] for entry in getattr(timm_model, "feature_info", [])}
-        positions = {
-            f"dp{i + 2}": FairDropoutPosition(stage, "output", "channels", info.get(f"layer{i + 1}"))
-            for i, stage in enumerate(stages)
-        }
+        positions = {}
+        for i, stage in enumerate(stages):
+            following = stages[i + 1][0] if i < 3 else None
+            consumers, fold_error = _stage_consumers(
+                [getattr(following, "conv1", None), _first_conv(getattr(following, "downsample", None))],
+                classifier, i == 3, f"layer{i + 1}",
+            )
+            positions[f"dp{i + 2}"] = FairDropoutPosition(
+                _last_block(stage), "output", "channels", info.get(f"layer{i + 1}"), consumers=consumers,
+                fold_error=fold_error,
+            )
         return ModelAdapter(
             model=model,
             family=f"{family_prefix}resnet",
@@ -250,6 +366,7 @@ def _timm_adapter(model: nn.Module, timm_model: nn.Module, family_prefix: str) -
             classifier_module=classifier,
             cam_module=stages[-1],
             positions=positions,
+            default_positions=("dp4",),
         )
     return None
 
@@ -261,19 +378,59 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
         return None
     if model_type == "timm_wrapper" and hasattr(model, "timm_model"):
         return _timm_adapter(model, model.timm_model, "timm_wrapper_")
+    if model_type == "clip_zero_shot":  # hf_robust.clip.CLIPZeroShotClassifier
+        vision_config = config.vision_config
+        blocks = model.vision_model.encoder.layers
+        dim = config.projection_dim
+        positions = {
+            f"block{i}": FairDropoutPosition(b, "output", "tokens", vision_config.hidden_size,
+                                             fold_error=_TRANSFORMER_FOLD_ERROR)
+            for i, b in enumerate(blocks)
+        }
+        positions["pooled"] = FairDropoutPosition(model.classifier, "input", "features", dim, consumers=(model.classifier,))
+        return ModelAdapter(
+            model=model,
+            family="clip_zero_shot",
+            input_kind="image",
+            classifier_module=model.classifier,
+            cam_module=blocks[-1].layer_norm1,
+            cam_layout="tokens",
+            num_prefix_tokens=1,
+            positions=positions,
+            default_positions=("pooled",),
+            cam_method="attention_rollout",
+            patch_grid=_patch_grid(vision_config),
+            # f = the projected CLIP image embedding before normalisation (the head reads it normalised)
+            image_embedding_module=model.visual_projection,
+        )
+    if model_type == "clip":
+        raise UnsupportedModelError(
+            "A CLIPModel is an image-text model, not a classifier: build its zero-shot classifier with "
+            "hf_robust.clip.CLIPZeroShotClassifier.from_clip(clip_model, tokenizer, class_names) (or "
+            "hf_robust.clip.load_clip_zero_shot(name_or_path, class_names))."
+        )
     if model_type == "resnet" and _get(model, "resnet.encoder.stages") is not None:
         stages = model.resnet.encoder.stages
         sizes = list(getattr(config, "hidden_sizes", [None] * len(stages)))
-        positions = {
-            f"dp{i + 2}": FairDropoutPosition(stage, "output", "channels", sizes[i]) for i, stage in enumerate(stages)
-        }
+        classifier = _last_linear(getattr(model, "classifier", None))
+        positions = {}
+        for i, stage in enumerate(stages):
+            following = stages[i + 1].layers[0] if i + 1 < len(stages) else None
+            consumers, fold_error = _stage_consumers(
+                [_first_conv(getattr(following, "layer", None)), _first_conv(getattr(following, "shortcut", None))],
+                classifier, following is None, f"stage {i + 1}",
+            )
+            positions[f"dp{i + 2}"] = FairDropoutPosition(
+                _last_block(stage.layers), "output", "channels", sizes[i], consumers=consumers, fold_error=fold_error
+            )
         return ModelAdapter(
             model=model,
             family="hf_resnet",
             input_kind="image",
-            classifier_module=_last_linear(getattr(model, "classifier", None)),
+            classifier_module=classifier,
             cam_module=stages[-1],
             positions=positions,
+            default_positions=("dp4",) if "dp4" in positions else (),
         )
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     embeddings = _get(backbone, "embeddings") if backbone is not None else None
@@ -283,9 +440,12 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             return None
         classifier = _last_linear(getattr(model, "classifier", None))
         dim = getattr(config, "hidden_size", None)
-        positions = {f"block{i}": FairDropoutPosition(b, "output", "tokens", dim) for i, b in enumerate(blocks)}
+        positions = {
+            f"block{i}": FairDropoutPosition(b, "output", "tokens", dim, fold_error=_TRANSFORMER_FOLD_ERROR)
+            for i, b in enumerate(blocks)
+        }
         if classifier is not None:
-            positions["pooled"] = FairDropoutPosition(classifier, "input", "features", dim)
+            positions["pooled"] = FairDropoutPosition(classifier, "input", "features", dim, consumers=(classifier,))
         return ModelAdapter(
             model=model,
             family=f"hf_{model_type}",
@@ -295,6 +455,9 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             cam_layout="tokens",
             num_prefix_tokens=1,
             positions=positions,
+            default_positions=("pooled",) if classifier is not None else (),
+            cam_method="attention_rollout" if hasattr(model, "set_attn_implementation") else "xgradcam",
+            patch_grid=_patch_grid(config),
         )
     if hasattr(model, "get_input_embeddings") and getattr(config, "is_encoder_decoder", False) is False:
         head = getattr(model, "classifier", None) or getattr(model, "score", None)
@@ -303,9 +466,10 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             return None
         dim = active_module(classifier).in_features
         positions = {
-            "pooled": FairDropoutPosition(classifier, "input", "features", dim),
-            # `fc`: FairDropout on a new linear projection inserted before the classifier (SPEC 4.3)
-            "fc": FairDropoutPosition(classifier, "input", "features", dim),
+            "pooled": FairDropoutPosition(classifier, "input", "features", dim, consumers=(classifier,)),
+            # `fc`: FairDropout on a new linear projection inserted before the classifier (SPEC 4.3); with no
+            # nonlinearity in between, projection + mask + classifier fold into one Linear on export
+            "fc": FairDropoutPosition(classifier, "input", "features", dim, projection=True, consumers=(classifier,)),
         }
         return ModelAdapter(
             model=model,
@@ -314,6 +478,7 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             classifier_module=classifier,
             embedding_module=model.get_input_embeddings(),
             positions=positions,
+            default_positions=("fc",),
             main_input_name="input_ids",
         )
     return None

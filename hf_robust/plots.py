@@ -139,3 +139,40 @@ def plot_gradient_norms(
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_counterfactual_grid(images, cam, counterfactuals: dict, labels: list[str], path: str | Path,
+                             threshold: float | None = None) -> Path:
+    """Counterfactual distillation's images: one row per example with the original, the student's CAM over it
+    (patch grid, max-normalised; patches above the object-mask threshold hatched) and the counterfactual of every
+    (mask, refill) strategy.
+
+    `images` uint8 (N, 3, H, W); `cam` (N, h, w) in [0, 1]; `counterfactuals` {(mask, refill): uint8 (N, 3, H, W)}.
+    """
+    plt = _pyplot()
+    columns = 2 + len(counterfactuals)
+    fig, axes = plt.subplots(len(images), columns, figsize=(1.25 * columns, 1.35 * len(images)), squeeze=False)
+    height, width = images.shape[-2:]
+    for i, image in enumerate(images):
+        picture = image.permute(1, 2, 0).numpy()
+        axes[i][0].imshow(picture)
+        axes[i][0].set_ylabel(labels[i], fontsize=6)
+        axes[i][1].imshow(picture)
+        axes[i][1].imshow(cam[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                          interpolation="nearest")
+        if threshold is not None:  # the patches `object` masks: CAM above the threshold, hatched
+            h, w = cam.shape[-2:]
+            for r, c in zip(*np.nonzero(cam[i].numpy() > threshold)):
+                axes[i][1].add_patch(plt.Rectangle((c * width / w - 0.5, r * height / h - 0.5), width / w, height / h,
+                                                   fill=False, hatch="///", edgecolor="white", linewidth=0))
+        for j, ((mask, refill), batch) in enumerate(counterfactuals.items(), start=2):
+            axes[i][j].imshow(batch[i].permute(1, 2, 0).numpy())
+            if i == 0:
+                axes[i][j].set_title(f"{mask}\n{refill}", fontsize=6)
+        if i == 0:
+            axes[i][0].set_title("original", fontsize=6)
+            axes[i][1].set_title("student CAM", fontsize=6)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path)

@@ -47,8 +47,9 @@ def _summary(runs: list[dict], split: str) -> dict:
     return out
 
 
-def quality(method: str, seeds: list[int], extra: list[str] | None = None) -> dict:
-    """Run the main job per seed (default recipe) and keep every split's report plus wall-clock time."""
+def quality(method: str, seeds: list[int], extra: list[str] | None = None, collect: tuple[str, ...] = ()) -> dict:
+    """Run the main job per seed (default recipe) and keep every split's report plus wall-clock time (and the
+    `collect` keys of the results, for methods that report more)."""
     train = _train_script()
     runs = []
     for seed in seeds:
@@ -70,7 +71,7 @@ def quality(method: str, seeds: list[int], extra: list[str] | None = None) -> di
         "mean": summary,
         "stages_mean": stage_summary,
         "seconds_per_run": [run["seconds"] for run in runs],
-        "runs": [{k: run[k] for k in ("seed", "splits", "stages", "seconds")} for run in runs],
+        "runs": [{k: run[k] for k in ("seed", "splits", "stages", "seconds", *collect) if k in run} for run in runs],
     }
 
 
@@ -129,7 +130,40 @@ def benchmark_erm(seeds: list[int]) -> dict:
     return {"quality": quality("erm", seeds), "timing": {**erm_timing(), "train_py_help_seconds": cli_help_seconds()}}
 
 
-BENCHMARKS = {"erm": benchmark_erm}
+def benchmark_counterfactual(seeds: list[int]) -> dict:
+    sys.path.insert(0, str(HERE))
+    from bench_counterfactual import benchmark_counterfactual as run
+
+    return run(seeds, quality)
+
+
+def benchmark_fairdropout(seeds: list[int]) -> dict:
+    """Position/p chosen on validation worst-class accuracy; FairDropout, FairDropout-DFR and ERM on every seed;
+    speed ratios (scripts/bench_fair_dropout.py)."""
+    spec = importlib.util.spec_from_file_location("bench_fair_dropout", HERE / "bench_fair_dropout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return {"timing": bench.timing(), "quality": bench.quality(_train_script(), seeds)}
+
+
+def _bench_gradtune():
+    """scripts/bench_gradtune.py: GradTune and DFR share one ERM model per seed within a process."""
+    sys.path.insert(0, str(HERE))
+    import bench_gradtune
+
+    return bench_gradtune
+
+
+def benchmark_gradtune(seeds: list[int]) -> dict:
+    return _bench_gradtune().benchmark_gradtune(seeds)
+
+
+def benchmark_dfr(seeds: list[int]) -> dict:
+    return _bench_gradtune().benchmark_dfr(seeds)
+
+
+BENCHMARKS = {"erm": benchmark_erm, "counterfactual": benchmark_counterfactual, "fairdropout": benchmark_fairdropout,
+              "gradtune": benchmark_gradtune, "dfr": benchmark_dfr}
 
 
 def main() -> None:

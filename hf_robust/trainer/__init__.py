@@ -22,6 +22,8 @@ _EXPORTS = {
     "FairDropoutDFRConfig": ".fairdropout_config",
     "FairDropoutTrainer": ".fairdropout_trainer",
     "FairDropoutDFRTrainer": ".fairdropout_trainer",
+    "CounterfactualDistillConfig": ".counterfactual_config",
+    "CounterfactualDistillTrainer": ".counterfactual_trainer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -142,6 +142,7 @@ class RobustTrainer(Trainer):
         self.adapter = get_adapter(model, classifier=args.classifier_layer, target_layer=args.cam_target_layer)
         self.adapter.require("classifier", *self._requires)
         self.input_kind = self._validate_datasets(model, train_dataset, eval_dataset)
+        self.adapter.require(*self.required_adapter_pieces(self.input_kind))
         self.dataset_name = dataset_name or "custom"
         self.model_name_or_path = model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
 
@@ -184,6 +185,10 @@ class RobustTrainer(Trainer):
         self._train_output = None
 
     # ------------------------------------------------------------------ validation
+    def required_adapter_pieces(self, input_kind: str) -> tuple[str, ...]:
+        """Adapter pieces the method needs for data of this kind, checked before anything else is built."""
+        return ()
+
     def _validate_datasets(self, model, train_dataset, eval_dataset) -> str:
         config = getattr(unwrap_model(model), "config", None)
         num_labels = getattr(config, "num_labels", None) or self.adapter.classifier.out_features
@@ -536,10 +541,14 @@ class RobustTrainer(Trainer):
             os.replace(tmp, stage_dir / "model.safetensors")
         self.accelerator.wait_for_everyone()
 
-    def load_model_state(self, stage_dir: Path) -> None:
+    def load_model_state(self, stage_dir: Path, model: nn.Module | None = None) -> None:
+        """Restore the weights a stage saved, into the trained model (or into `model`, e.g. a copy)."""
         from safetensors.torch import load_model
 
-        load_model(self.accelerator.unwrap_model(self.model), str(stage_dir / "model.safetensors"), device=str(self.args.device))
+        # safetensors refuses "cpu:0", the device of a multi-process CPU run; the load copies into the parameters anyway
+        device = "cpu" if self.args.device.type == "cpu" else str(self.args.device)
+        target = model if model is not None else self.accelerator.unwrap_model(self.model)
+        load_model(target, str(stage_dir / "model.safetensors"), device=device)
 
     def save_stage_tensors(self, stage_dir: Path, tensors: dict[str, torch.Tensor], name: str = "outputs") -> None:
         """Per-example outputs of a stage, atomically (safetensors)."""

@@ -98,10 +98,7 @@ class MaskTuneTrainer(RobustTrainer):
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None:
             raise DataValidationError("MaskTuneTrainer needs a train_dataset: the masks are computed on it.")
-        if self.input_kind == "image":
-            self.adapter.require("cam_layer")
-        else:
-            self.adapter.require("embedding_layer")
+        if self.input_kind != "image":
             if getattr(self.processing_class, "mask_token_id", None) is None:
                 raise DataValidationError(
                     f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
@@ -113,6 +110,9 @@ class MaskTuneTrainer(RobustTrainer):
         self.finetune_learning_rate: float | None = None
         self.selective_results: dict = {}
         self._erm_model = None
+
+    def required_adapter_pieces(self, input_kind: str) -> tuple[str, ...]:
+        return ("cam_layer",) if input_kind == "image" else ("embedding_layer",)
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
@@ -218,10 +218,8 @@ class MaskTuneTrainer(RobustTrainer):
     def erm_model(self):
         """The ERM model (a copy restored from the `erm` stage), for the ensemble and the CAM plots."""
         if self._erm_model is None:
-            from safetensors.torch import load_model
-
             model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
-            load_model(model, str(self.stage_dir("erm") / "model.safetensors"), device=str(self.args.device))
+            self.load_model_state(self.stage_dir("erm"), model)
             self._erm_model = model.eval()
         return self._erm_model
 

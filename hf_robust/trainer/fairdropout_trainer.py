@@ -1,0 +1,243 @@
+"""FairDropout (example-tied dropout against spurious correlations) and FairDropout-DFR.
+
+- `FairDropoutTrainer`: ERM on the model with FairDropout injected (`hf_robust.fair_dropout`): every training
+  example keeps the generalising neurons and its own fixed subset of memorising neurons at the chosen positions,
+  so what only a few examples need — the minority groups' atypical examples — gets memorised by neurons that
+  evaluation drops. Stage: `fairdropout`. Saves the model with `fair_dropout_config.json` (reload with
+  `load_fair_dropout`) and, in `exported/`, the stock model with the evaluation-time masks folded in.
+- `FairDropoutDFRTrainer`: the same, then DFR's last-layer retraining (`hf_robust.trainer.last_layer`, shared
+  with GradTune and DFR) on the FairDropout model's evaluation-mode features of a class-balanced held-out set.
+  Stages: `fairdropout` -> `heldout` -> `scores` -> `select` -> `last_layer`.
+
+The paper gives no code; the layer follows the authors of example-tied dropout (Maini et al., ICML 2023,
+github.com/pratyushmaini/localizing-memorization) and the paper's description (positions after residual
+stages, a new projection before a text classifier, memorising neurons dropped at test time).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..data.core import DataValidationError
+from ..fair_dropout import (
+    CONFIG_NAME,
+    FairDropoutConfig,
+    UnsupportedModelError,
+    export_fair_dropout,
+    fair_dropout_modules,
+    inject_fair_dropout,
+)
+from .base_trainer import RobustTrainer, Stage, atomic_write_bytes, maybe_wrap_timm
+from .fairdropout_config import FairDropoutDFRConfig, FairDropoutTrainingConfig
+from .last_layer import LastLayerMixin
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DIR = "exported"
+
+_FAIRDROPOUT_PAPER = {
+    "title": "FairDropout: Using Example-Tied Dropout to Enhance Generalization of Minority Groups",
+    "url": "https://arxiv.org/abs/2502.06695",
+    "citation": (
+        "@article{nanfack2025fairdropout,\n"
+        "  title={FairDropout: Using Example-Tied Dropout to Enhance Generalization of Minority Groups},\n"
+        "  author={Nanfack, Geraldin and Belilovsky, Eugene},\n  journal={arXiv preprint arXiv:2502.06695},\n"
+        "  year={2025}\n}"
+    ),
+}
+
+
+class FairDropoutTrainer(RobustTrainer):
+    """ERM with FairDropout injected: see the module docstring. Args as [`RobustTrainer`], with a
+    [`FairDropoutTrainingConfig`]. A model that already has FairDropout (e.g. from `load_fair_dropout`) keeps it,
+    if its configuration matches the arguments."""
+
+    _tag_names = ["hf_robust", "fairdropout"]
+    _name = "FairDropout"
+    _paper = _FAIRDROPOUT_PAPER
+    _summary = (
+        "FairDropout trains with example-tied dropout: at the chosen layers a fixed share of neurons is seen by "
+        "every example (generalising) and each example also keeps its own fixed random subset of the other "
+        "(memorising) neurons. What only a few examples need — typically the minority groups that contradict the "
+        "shortcut — is memorised by neurons that are dropped at test time."
+    )
+    _config_class = FairDropoutTrainingConfig
+
+    def __init__(self, model, args: FairDropoutTrainingConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            args = self._config_class(output_dir=f"{self._name.lower().replace('-', '_')}_output")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}.")
+        model = maybe_wrap_timm(model)
+        wanted = args.fair_dropout_config()
+        existing = fair_dropout_modules(model)
+        if existing is None:
+            inject_fair_dropout(model, wanted)  # unknown positions fail here, before any training
+        else:
+            given = {k: v for k, v in existing.config.to_dict().items() if k != "positions"}
+            asked = {k: v for k, v in wanted.to_dict().items() if k != "positions"}
+            if given != asked or (wanted.positions and wanted.positions != existing.config.positions):
+                raise ValueError(
+                    f"The model already has FairDropout {existing.config} but the arguments ask for {wanted}: pass a "
+                    "model without FairDropout, or arguments that match it."
+                )
+        super().__init__(model, args, *pargs, **kwargs)
+        if self.train_dataset is None and not getattr(args, "erm_checkpoint", None):
+            raise DataValidationError(f"{type(self).__name__} needs a train_dataset: FairDropout is a training method.")
+
+    @property
+    def fair_dropout_config(self) -> FairDropoutConfig:
+        return fair_dropout_modules(self.model).config
+
+    # ------------------------------------------------------------------ stages
+    def stages(self) -> list[Stage]:
+        return [Stage("fairdropout", self._run_fairdropout, self._load_fairdropout)]
+
+    def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
+        checkpoint = getattr(self.args, "erm_checkpoint", None)
+        if checkpoint:
+            self._load_fairdropout_checkpoint(Path(checkpoint))
+        else:
+            self.train_stage(stage_dir, resume)
+        self.save_model_state(stage_dir)
+        if self.is_world_process_zero():
+            self.fair_dropout_config.save_pretrained(stage_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _load_fairdropout(self, stage_dir: Path) -> None:
+        saved = FairDropoutConfig.from_pretrained(stage_dir)
+        if saved != self.fair_dropout_config:
+            raise ValueError(
+                f"{stage_dir} holds a FairDropout stage trained with {saved}, this run asks for "
+                f"{self.fair_dropout_config}: resume with the same settings, or use a new output_dir."
+            )
+        self.load_model_state(stage_dir)
+
+    def _load_fairdropout_checkpoint(self, folder: Path) -> None:
+        saved = FairDropoutConfig.from_pretrained(folder)
+        if saved != self.fair_dropout_config:
+            raise ValueError(
+                f"erm_checkpoint {folder} was trained with FairDropout {saved}, but this run asks for "
+                f"{self.fair_dropout_config}: use the same positions, p_gen, p_mem and seed."
+            )
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        model = self.accelerator.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Every save (checkpoints included) writes `fair_dropout_config.json` next to the weights."""
+        super()._save(output_dir, state_dict)
+        self.fair_dropout_config.save_pretrained(output_dir or self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the FairDropout model (+ its config); from user code also the report and, with `export_model`,
+        the stock model in `output_dir/exported`."""
+        if not _internal_call and self.args.export_model and self.is_world_process_zero():
+            self.export(Path(output_dir or self.args.output_dir) / EXPORT_DIR)
+        super().save_model(output_dir, _internal_call)
+
+    def export(self, folder: str | Path) -> Path | None:
+        """Save the stock model (evaluation-time masks folded into the weights, hooks and projection removed)
+        and the processor into `folder`; None (with a warning) if a position cannot be folded."""
+        try:
+            stock = export_fair_dropout(self.accelerator.unwrap_model(self.model))
+        except UnsupportedModelError as error:
+            logger.warning("Not exporting a stock model: %s", error)
+            return None
+        folder = Path(folder)
+        stock.save_pretrained(str(folder))
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(str(folder))
+        return folder
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        super().write_report(output_dir)
+        if not self.is_world_process_zero():
+            return
+        readme = Path(output_dir or self.args.output_dir) / "README.md"
+        if readme.is_file():
+            atomic_write_bytes(readme, (readme.read_text() + self._usage_section(readme.parent)).encode())
+
+    def _usage_section(self, folder: Path) -> str:
+        auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
+        exported = (folder / EXPORT_DIR).is_dir()
+        lines = [
+            "\n## Loading the FairDropout model\n",
+            f"This folder holds the model with its FairDropout layers ({CONFIG_NAME}: "
+            f"{self.fair_dropout_config.to_dict()}). A plain `from_pretrained` of it gives the model WITHOUT them "
+            "(all neurons on); re-apply them with:\n",
+            "```python",
+            f"from transformers import {auto}",
+            "from hf_robust.fair_dropout import load_fair_dropout\n",
+            f'model = load_fair_dropout({auto}.from_pretrained("<this folder>"), "<this folder>").eval()',
+            "```\n",
+        ]
+        if exported:
+            lines += [
+                f"`{EXPORT_DIR}/` holds the same model with the evaluation-time masks folded into its weights: a "
+                "stock model with the same predictions, no hooks, no overhead:\n",
+                "```python",
+                f'model = {auto}.from_pretrained("<this folder>/{EXPORT_DIR}")',
+                "```\n",
+            ]
+        return "\n".join(lines)
+
+    def results(self) -> dict:
+        results = super().results()
+        results["fair_dropout"] = self.fair_dropout_config.to_dict()
+        return results
+
+
+class FairDropoutDFRTrainer(LastLayerMixin, FairDropoutTrainer):
+    """FairDropout, then DFR's last-layer retraining on its evaluation-mode features: see the module docstring.
+    Args as [`FairDropoutTrainer`], with a [`FairDropoutDFRConfig`], plus `heldout_dataset` (default: the
+    `heldout_split` entry of `eval_dataset`)."""
+
+    _tag_names = ["hf_robust", "fairdropout", "dfr"]
+    _name = "FairDropout-DFR"
+    _summary = FairDropoutTrainer._summary + (
+        " FairDropout-DFR then retrains the last layer on the frozen FairDropout features of a class-balanced "
+        "held-out set (DFR), with L1-regularised logistic regression."
+    )
+    _config_class = FairDropoutDFRConfig
+
+    def __init__(self, model, args: FairDropoutDFRConfig | None = None, *pargs, heldout_dataset=None, **kwargs):
+        super().__init__(model, args, *pargs, **kwargs)
+        self.setup_last_layer(heldout_dataset)
+        if self.args.dfr_balance == "group" and (np.asarray(self.heldout_dataset["group"]) < 0).any():
+            raise DataValidationError(
+                "dfr_balance='group' balances the held-out set by group, but the held-out split has examples with an "
+                "unknown group (-1): use dfr_balance='class' (no group labels needed)."
+            )
+
+    def stages(self) -> list[Stage]:
+        return super().stages() + self.dfr_stages()
+
+    def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
+        super()._run_fairdropout(stage_dir, resume)
+        self.evaluate_stage("FairDropout", stage_dir)  # the model before its last layer is retrained
+
+    def _load_fairdropout(self, stage_dir: Path) -> None:
+        super()._load_fairdropout(stage_dir)
+        self.load_stage_results(stage_dir)
+
+    def results(self) -> dict:
+        return {**super().results(), **self.last_layer_results()}
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        if self.is_world_process_zero() and self.args.save_plots:
+            self.plot_last_layer(Path(output_dir or self.args.output_dir))
+        super().write_report(output_dir)
+

@@ -1,0 +1,557 @@
+"""FairDropout: the example-tied masks (pure, vectorised, RNG-free), evaluation, injection by hooks into every
+family, persistence, export to stock transformers/timm models, activation checkpointing, the trainers (resume,
+FairDropout-DFR, the main job), 2 processes vs 1, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model, quick_config
+from torch import nn
+
+from hf_robust.adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
+from hf_robust.fair_dropout import (
+    CONFIG_NAME,
+    FairDropoutConfig,
+    export_fair_dropout,
+    fair_dropout_modules,
+    inject_fair_dropout,
+    load_fair_dropout,
+    remove_fair_dropout,
+)
+from hf_robust.layers import FairDropout, eval_scale, fair_dropout_mask
+from hf_robust.layers.fair_dropout import fair_dropout
+from hf_robust.trainer import (
+    FairDropoutDFRConfig,
+    FairDropoutDFRTrainer,
+    FairDropoutTrainer,
+    FairDropoutTrainingConfig,
+)
+from hf_robust.trainer.base_trainer import maybe_wrap_timm
+
+HERE = Path(__file__).parent
+
+
+def maini_reference_mask(example_idx, num_features, p_gen, p_mem, seed):
+    """An independent, slow reference of the mask's definition: one example and one neuron at a time, the hash
+    written out in Python integers (wrapping 32-bit arithmetic)."""
+
+    def mix(x):
+        x &= 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 0x21F0AAAD) & 0xFFFFFFFF
+        x = ((x ^ (x >> 15)) * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
+
+    generalising = int(round(p_gen * num_features))
+    rows = []
+    for i in example_idx:
+        i &= (1 << 64) - 1
+        state = mix((i & 0xFFFFFFFF) ^ mix(seed ^ 0x3C6EF372))
+        state = mix(state ^ (i >> 32))
+        rows.append([c < generalising or mix(state ^ mix(c + 0x9E3779B9)) < round(p_mem * 2**32)
+                     for c in range(num_features)])
+    return torch.tensor(rows)
+
+
+# ----------------------------------------------------------------------------- the masks
+def test_mask_matches_the_scalar_definition():
+    idx = torch.tensor([0, 1, 7, 123456, 2**33 + 5, -3])
+    expected = maini_reference_mask(idx.tolist(), 23, 0.3, 0.4, seed=11)
+    assert torch.equal(fair_dropout_mask(idx, 23, 0.3, 0.4, seed=11), expected)
+
+
+def test_same_index_same_mask_whatever_the_batch():
+    """Across calls, batch compositions and orders (across processes and a resume: the distributed and resume
+    tests below)."""
+    idx = torch.arange(50)
+    mask = fair_dropout_mask(idx, 64, 0.2, 0.2, seed=3)
+    assert torch.equal(mask, fair_dropout_mask(idx, 64, 0.2, 0.2, seed=3))  # across calls
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fair_dropout_mask(idx[order], 64, 0.2, 0.2, seed=3), mask[order])  # batch order/composition
+    assert torch.equal(fair_dropout_mask(idx[7:8], 64, 0.2, 0.2, seed=3), mask[7:8])
+    assert not torch.equal(fair_dropout_mask(idx, 64, 0.2, 0.2, seed=4), mask)  # the seed matters
+
+
+@pytest.mark.parametrize("p_gen, p_mem", [(0.2, 0.2), (0.5, 0.1), (0.4, 0.7)])
+def test_keep_rate_and_independence(p_gen, p_mem):
+    n, c = 4000, 100
+    mask = fair_dropout_mask(torch.arange(n), c, p_gen, p_mem, seed=0)
+    g = int(round(p_gen * c))
+    assert mask[:, :g].all()  # generalising: always on
+    memorising = mask[:, g:].double()
+    sigma = (p_mem * (1 - p_mem) / memorising.numel()) ** 0.5
+    assert abs(memorising.mean().item() - p_mem) < 5 * sigma
+    # per neuron and per example, the rate is p_mem up to sampling noise (no neuron or example is special)
+    per_neuron_sigma = (p_mem * (1 - p_mem) / n) ** 0.5
+    assert (memorising.mean(0) - p_mem).abs().max() < 5 * per_neuron_sigma
+    # different examples get different masks: no more identical pairs than independent draws give
+    from collections import Counter
+
+    identical_pairs = sum(k * (k - 1) // 2 for k in Counter(map(tuple, mask[:, g:].int().tolist())).values())
+    expected_pairs = n * (n - 1) / 2 * (p_mem**2 + (1 - p_mem) ** 2) ** (c - g)
+    assert identical_pairs <= 2 * expected_pairs + 3
+    # neighbouring examples and neighbouring neurons are uncorrelated
+    centred = memorising - p_mem
+    next_example = (centred[1:] * centred[:-1]).mean() / (p_mem * (1 - p_mem))
+    next_neuron = (centred[:, 1:] * centred[:, :-1]).mean() / (p_mem * (1 - p_mem))
+    assert abs(next_example) < 0.02 and abs(next_neuron) < 0.02
+
+
+def test_mask_generation_leaves_every_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    np_state = np.random.get_state()[1].copy()
+    layer = FairDropout(0.2, 0.5, "channels").train()
+    layer(torch.randn(4, 10, 3, 3, generator=torch.Generator().manual_seed(0)), torch.arange(4))
+    fair_dropout_mask(torch.arange(1000), 50, 0.2, 0.2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+
+
+# ----------------------------------------------------------------------------- the layer
+LAYOUT_SHAPES = {"channels": (3, 10, 4, 4), "tokens": (3, 5, 10), "features": (3, 10)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_SHAPES))
+def test_training_applies_the_mask_on_the_neuron_axis(layout):
+    x = torch.randn(LAYOUT_SHAPES[layout]) + 5  # no zeros of its own
+    idx = torch.tensor([4, 9, 2])
+    out = fair_dropout(x, idx, 0.3, 0.5, training=True, layout=layout, seed=1)
+    mask = fair_dropout_mask(idx, 10, 0.3, 0.5, seed=1)
+    neurons_last = out.movedim(1, -1) if layout == "channels" else out
+    x_last = x.movedim(1, -1) if layout == "channels" else x
+    for b in range(3):
+        kept = mask[b]
+        assert torch.equal(neurons_last[b][..., kept], x_last[b][..., kept])  # kept: not rescaled (as Maini)
+        assert (neurons_last[b][..., ~kept] == 0).all()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_SHAPES))
+@pytest.mark.parametrize("rescale", [False, True])
+def test_eval_zeroes_exactly_the_memorising_neurons(layout, rescale):
+    x = torch.randn(LAYOUT_SHAPES[layout]) + 5
+    layer = FairDropout(0.35, 0.2, layout, rescale_generalising=rescale).eval()
+    out = layer(x)  # no example_idx needed
+    g = 4  # round(0.35 * 10)
+    out_last = out.movedim(1, -1) if layout == "channels" else out
+    x_last = x.movedim(1, -1) if layout == "channels" else x
+    assert (out_last[..., g:] == 0).all()
+    factor = (4 + 6 * 0.2) / 4 if rescale else 1.0
+    torch.testing.assert_close(out_last[..., :g], x_last[..., :g] * factor)
+    assert torch.equal(layer.eval_scale(10), eval_scale(10, 0.35, 0.2, rescale))
+
+
+def test_p_gen_one_is_the_identity_and_bad_arguments_fail():
+    x = torch.randn(2, 6, 3, 3)
+    assert fair_dropout(x, None, p_gen=1.0, training=True) is x
+    assert fair_dropout(x, None, p_gen=1.0, training=False) is x
+    with pytest.raises(ValueError, match="no example_idx"):
+        FairDropout().train()(x)
+    with pytest.raises(ValueError, match="one index per example"):
+        FairDropout().train()(x, torch.arange(3))
+    with pytest.raises(TypeError, match="integers"):
+        fair_dropout_mask(torch.tensor([0.5, 1.0]), 6, 0.2, 0.2)
+    with pytest.raises(ValueError, match="p_gen"):
+        FairDropout(p_gen=0.0)
+    with pytest.raises(ValueError, match="p_mem"):
+        FairDropoutConfig(p_mem=1.5)
+    with pytest.raises(ValueError, match="layout"):
+        fair_dropout(torch.randn(2, 6), torch.arange(2), layout="tokens")
+
+
+# ----------------------------------------------------------------------------- injection into every family
+FAMILY_INPUTS = {
+    "hf_bert": lambda: {"input_ids": torch.randint(5, 200, (4, 12), generator=torch.Generator().manual_seed(1))},
+}
+
+
+def inputs_for(family):
+    if family in FAMILY_INPUTS:
+        return FAMILY_INPUTS[family]()
+    return {"pixel_values": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+
+
+def logits_of(model, inputs, **kwargs):
+    if "input_ids" not in inputs and not hasattr(model, "config"):  # a raw timm model
+        return model(inputs["pixel_values"], **kwargs)
+    return model(**inputs, **kwargs).logits
+
+
+def randomise_batchnorm(model):
+    """Non-trivial running statistics, so that folding into a conv followed by BatchNorm is really tested."""
+    generator = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+
+
+def test_unknown_position_lists_the_valid_ones():
+    model, _ = make_model("hf_resnet")
+    with pytest.raises(UnsupportedModelError, match=r"dp7.*\['dp2', 'dp3', 'dp4', 'dp5'\]"):
+        inject_fair_dropout(model, FairDropoutConfig(positions=["dp7"]))
+    assert fair_dropout_modules(model) is None  # nothing half-injected
+    bert, _ = make_model("hf_bert")
+    with pytest.raises(UnsupportedModelError, match=r"\['fc', 'pooled'\]"):
+        inject_fair_dropout(bert, FairDropoutConfig(positions=["dp4"]))
+
+
+def test_training_without_example_idx_is_an_error_eval_is_not():
+    model, _ = make_model("hf_resnet")
+    inject_fair_dropout(model, FairDropoutConfig(positions=["dp3"]))
+    model.train()
+    inputs = inputs_for("hf_resnet")
+    with pytest.raises(ValueError, match="no example_idx"):
+        model(**inputs)
+    model(**inputs, example_idx=torch.arange(4))
+    with pytest.raises(ValueError, match="no example_idx"):  # indices of an earlier call are not reused
+        model(**inputs)
+    model.eval()
+    model(**inputs)
+
+
+@pytest.mark.parametrize("family", ["hf_bert", "hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"])
+def test_p_gen_one_reproduces_the_plain_model(family):
+    model, _ = make_model(family)
+    plain, _ = make_model(family)
+    positions = [p for p in get_adapter(model).fair_dropout_positions if p != "fc"]  # fc adds a projection
+    inject_fair_dropout(model, FairDropoutConfig(positions=positions, p_gen=1.0))
+    inputs = inputs_for(family)
+    for mode in (True, False):
+        model.train(mode), plain.train(mode)
+        torch.manual_seed(0)
+        expected = logits_of(plain, inputs)
+        torch.manual_seed(0)
+        got = logits_of(model, inputs, example_idx=torch.arange(4))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family, position", [("hf_bert", "fc"), ("hf_vit", "block0"), ("hf_resnet", "dp3"),
+                                              ("timm_resnet", "dp2"), ("timm_vit", "block1"), ("timm_vit", "pooled")])
+def test_training_forward_uses_each_examples_own_mask(family, position):
+    """The batch's output equals each example run alone: masks follow the example, not the batch."""
+    model, _ = make_model(family)
+    inject_fair_dropout(model, FairDropoutConfig(positions=[position], p_gen=0.25, p_mem=0.3, seed=2))
+    model.train()
+    for module in model.modules():  # per-example outputs must not depend on the batch: no dropout/BN batch stats
+        if isinstance(module, (nn.Dropout, nn.BatchNorm2d)):
+            module.eval()
+    inputs = inputs_for(family)
+    idx = torch.tensor([10, 3, 77, 5])
+    batch = logits_of(model, inputs, example_idx=idx)
+    alone = torch.cat([logits_of(model, {k: v[i : i + 1] for k, v in inputs.items()}, example_idx=idx[i : i + 1])
+                       for i in range(4)])
+    torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
+    other = logits_of(model, inputs, example_idx=idx + 1000)
+    assert not torch.allclose(batch, other)  # other examples, other masks
+    remove_fair_dropout(model)
+    assert not hasattr(model, EXAMPLE_IDX_FLAG) and fair_dropout_modules(model) is None
+    plain, _ = make_model(family)
+    plain.load_state_dict(model.state_dict())
+
+
+# ----------------------------------------------------------------------------- export to stock models
+EXPORT_CASES = [
+    ("hf_bert", ["fc"]), ("hf_bert", ["pooled"]), ("hf_vit", ["pooled"]),
+    ("hf_resnet", ["dp2", "dp3", "dp4", "dp5"]), ("timm_resnet", ["dp2", "dp3", "dp4", "dp5"]),
+]
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("family, positions", EXPORT_CASES, ids=[f"{f}-{'+'.join(p)}" for f, p in EXPORT_CASES])
+def test_exported_stock_model_matches_the_hooked_model(tmp_path, family, positions, rescale):
+    model, _ = make_model(family)
+    randomise_batchnorm(model)
+    inject_fair_dropout(model, FairDropoutConfig(positions=positions, p_gen=0.3, p_mem=0.25, seed=4,
+                                                 rescale_generalising=rescale))
+    model.eval()
+    inputs = inputs_for(family)
+    with torch.no_grad():
+        hooked = logits_of(model, inputs)
+        stock = export_fair_dropout(model)
+        assert fair_dropout_modules(stock) is None and fair_dropout_modules(model) is not None
+        torch.testing.assert_close(logits_of(model, inputs), hooked, rtol=0, atol=0)  # the original is untouched
+    if family == "timm_resnet":
+        import timm
+
+        reloaded = timm.create_model("resnet18", pretrained=False, num_classes=2, channels=(8, 16, 32, 32))
+        reloaded.load_state_dict(stock.state_dict())  # strict: exactly the stock keys
+    else:
+        from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        stock.save_pretrained(tmp_path / "stock")
+        auto = AutoModelForSequenceClassification if family == "hf_bert" else AutoModelForImageClassification
+        reloaded = auto.from_pretrained(tmp_path / "stock")
+        assert type(reloaded) is type(stock)
+        fresh, _ = make_model(family)
+        assert set(reloaded.state_dict()) == set(fresh.state_dict())
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(reloaded, inputs), hooked, rtol=0, atol=1e-5)
+
+
+def test_export_refuses_positions_it_cannot_fold():
+    model, _ = make_model("hf_vit")
+    inject_fair_dropout(model, FairDropoutConfig(positions=["block0"]))
+    with pytest.raises(UnsupportedModelError, match=r"block0: a transformer block.*export: \['pooled'\]"):
+        export_fair_dropout(model)
+    wrapped, _ = make_model("timm_wrapper_resnet")  # channels 32 -> 32 at stride 1: an identity shortcut
+    inject_fair_dropout(wrapped, FairDropoutConfig(positions=["dp4"]))
+    with pytest.raises(UnsupportedModelError, match="identity shortcut"):
+        export_fair_dropout(wrapped)
+    assert fair_dropout_modules(wrapped) is not None  # still usable
+
+
+def test_saved_config_and_weights_restore_the_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model, _ = make_model("hf_bert")
+    inject_fair_dropout(model, FairDropoutConfig(positions=["fc", "pooled"], p_gen=0.4, p_mem=0.1, seed=8))
+    with torch.no_grad():  # a trained-looking projection
+        fair_dropout_modules(model).projections["fc"].weight.mul_(3)
+    model.save_pretrained(tmp_path)
+    from hf_robust.fair_dropout import save_fair_dropout_config
+
+    save_fair_dropout_config(model, tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["positions"] == ["fc", "pooled"] and saved["p_gen"] == 0.4 and saved["seed"] == 8
+    restored = load_fair_dropout(AutoModelForSequenceClassification.from_pretrained(tmp_path), tmp_path)
+    inputs = inputs_for("hf_bert")
+    for mode in (False, True):
+        model.train(mode), restored.train(mode)
+        torch.manual_seed(0)
+        expected = logits_of(model, inputs, example_idx=torch.arange(4))
+        torch.manual_seed(0)
+        torch.testing.assert_close(logits_of(restored, inputs, example_idx=torch.arange(4)), expected)
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        load_fair_dropout(make_model("hf_bert")[0], tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+def _gradients(model, inputs, idx):
+    model.zero_grad()
+    logits_of(model, inputs, example_idx=idx).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family, positions", [("hf_vit", ["block0", "pooled"]), ("hf_bert", ["fc"]),
+                                               ("timm_wrapper_resnet", ["dp2", "dp3"])])
+def test_activation_checkpointing_recomputes_the_same_masks(family, positions, monkeypatch):
+    model, _ = make_model(family)
+    model = maybe_wrap_timm(model)
+    for module in model.modules():  # dropout would differ between the two runs by itself
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    inject_fair_dropout(model, FairDropoutConfig(positions=positions, p_gen=0.25, p_mem=0.3))
+    model.train()
+    inputs, idx = inputs_for(family), torch.tensor([3, 1, 4, 1])
+    reference = _gradients(model, inputs, idx)
+    from hf_robust.layers import fair_dropout as layer_module
+
+    calls = []
+    original = layer_module.fair_dropout_mask
+    monkeypatch.setattr(layer_module, "fair_dropout_mask", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = _gradients(model, inputs, idx)
+    if family == "timm_wrapper_resnet":  # timm re-runs the stages (and their hooks) in the backward pass
+        assert len(calls) == 2 * len(positions)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the trainers
+def fair_dropout_trainer(tmp_path, data, family="timm_wrapper_resnet", trainer_class=FairDropoutTrainer,
+                         config_class=FairDropoutTrainingConfig, **kwargs):
+    model, processor = make_model(family)
+    args = quick_config(config_class, tmp_path, **{"logging_steps": 100, **kwargs})
+    return trainer_class(model, args, train_dataset=data["train"], processing_class=processor,
+                         eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]},
+                         dataset_name="biased_digits")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_digits):
+    """FairDropout at dp3 and dp5 on a tiny ResNet, 1 epoch, saved (model, config, report, exported model)."""
+    out = tmp_path_factory.mktemp("fairdropout")
+    trainer = fair_dropout_trainer(out, small_digits, fair_dropout_positions=["dp3", "dp5"], p_gen=0.25, p_mem=0.3)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    return trainer, metrics, out
+
+
+def test_trainer_passes_example_idx_and_saves_everything(trained, small_digits):
+    from transformers import AutoModelForImageClassification
+
+    trainer, metrics, out = trained
+    assert trainer.finished_stages == ["fairdropout"]
+    assert json.loads((out / CONFIG_NAME).read_text())["positions"] == ["dp3", "dp5"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["fair_dropout"]["p_gen"] == 0.25 and results["method"] == "FairDropout"
+    assert "load_fair_dropout" in (out / "README.md").read_text()
+    # the saved folder restores the FairDropout model; `exported/` is a stock model with the same predictions
+    restored = load_fair_dropout(AutoModelForImageClassification.from_pretrained(out), out).eval()
+    stock = AutoModelForImageClassification.from_pretrained(out / "exported").eval()
+    assert fair_dropout_modules(stock) is None
+    test = small_digits["test_biased"]
+    batch = trainer.eval_collator([test[i] for i in range(len(test))])
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=batch["pixel_values"]).logits
+        torch.testing.assert_close(restored(pixel_values=batch["pixel_values"]).logits, expected)
+        torch.testing.assert_close(stock(pixel_values=batch["pixel_values"]).logits, expected, rtol=0, atol=1e-5)
+    # evaluation is the eval-mode model (memorising neurons dropped): the reported accuracy is its accuracy
+    accuracy = (expected.argmax(-1).numpy() == np.asarray(test["label"])).mean()
+    assert metrics["eval_test_biased_accuracy"] == pytest.approx(accuracy)
+
+
+def test_masks_follow_example_idx_and_survive_a_resume(tmp_path, small_digits, monkeypatch):
+    """During training every example index gets the mask of the pure function, whatever batch it is in; a run
+    interrupted after its first epoch and resumed from its checkpoint lands on the uninterrupted run's weights
+    (the masks after the resume are the ones the uninterrupted run used)."""
+    from hf_robust.layers import fair_dropout as layer_module
+
+    seen = []
+    original = layer_module.fair_dropout_mask
+
+    def recording(example_idx, num_features, p_gen, p_mem, seed=0):
+        mask = original(example_idx, num_features, p_gen, p_mem, seed)
+        seen.append((example_idx.clone(), mask, seed))
+        return mask
+
+    data = {k: v.select(range(48)) if k == "train" else v for k, v in small_digits.items()}
+    kwargs = dict(fair_dropout_positions=["dp3"], num_train_epochs=2, per_device_train_batch_size=16,
+                  save_strategy="epoch", export_model=False, p_mem=0.5, lr_scheduler_type="constant")
+    monkeypatch.setattr(layer_module, "fair_dropout_mask", recording)
+    full = fair_dropout_trainer(tmp_path / "full", data, **kwargs)
+    full.train()
+    monkeypatch.setattr(layer_module, "fair_dropout_mask", original)
+    assert len(seen) == 6  # 2 epochs x 3 batches, one position
+    assert sorted(torch.cat([idx for idx, _, _ in seen]).tolist()) == sorted(2 * list(data["train"]["example_idx"]))
+    layer_seed = fair_dropout_modules(full.model).layers["dp3"].seed
+    for idx, mask, seed in seen:
+        assert seed == layer_seed and torch.equal(mask, original(idx, mask.shape[1], 0.2, 0.5, seed))
+
+    interrupted = fair_dropout_trainer(tmp_path / "cut", data, **{**kwargs, "num_train_epochs": 1})
+    interrupted.train()
+    stage = tmp_path / "cut" / "stages" / "fairdropout"
+    (stage / "stage.json").unlink()  # as if killed right after the first epoch's checkpoint
+    assert json.loads((stage / "checkpoint-3" / CONFIG_NAME).read_text())["positions"] == ["dp3"]
+    resumed = fair_dropout_trainer(tmp_path / "cut", data, **kwargs)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    # a finished stage is skipped on resume, its model restored; other FairDropout settings are refused
+    again = fair_dropout_trainer(tmp_path / "cut", data, **kwargs)
+    again.train(resume_from_checkpoint=True)
+    assert again.skipped_stages == ["fairdropout"]
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        fair_dropout_trainer(tmp_path / "cut", data, **{**kwargs, "p_mem": 0.3}).train(resume_from_checkpoint=True)
+
+
+def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, small_digits, trained):
+    """FairDropout-DFR from the FairDropout model of `trained` (erm_checkpoint: no second training)."""
+    _, _, fairdropout_dir = trained
+    trainer = fair_dropout_trainer(tmp_path, small_digits, trainer_class=FairDropoutDFRTrainer,
+                                   config_class=FairDropoutDFRConfig, fair_dropout_positions=["dp3", "dp5"],
+                                   p_gen=0.25, p_mem=0.3, erm_checkpoint=str(fairdropout_dir))
+    trainer.train()
+    assert trainer.finished_stages == ["fairdropout", "heldout", "scores", "select", "last_layer"]
+    data = trainer.last_layer_data
+    g = int(round(0.25 * data.features.shape[1]))
+    assert (data.features[:, g:] == 0).all() and (data.features[:, :g] != 0).any()  # eval-mode features
+    head = trainer.load_stage_tensors(trainer.stage_dir("last_layer"), "head")
+    torch.testing.assert_close(trainer.adapter.classifier.weight.detach(), head["weight"])
+    assert "FairDropout" in trainer.stage_results  # the model before its head was retrained, for the report
+    trainer.save_model()
+    from transformers import AutoModelForImageClassification
+
+    stock = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    batch = trainer.eval_collator([small_digits["validation"][i] for i in range(16)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(pixel_values=batch["pixel_values"]).logits,
+                                   model(pixel_values=batch["pixel_values"]).logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="was trained with FairDropout"):
+        fair_dropout_trainer(tmp_path / "other", small_digits, trainer_class=FairDropoutDFRTrainer,
+                             config_class=FairDropoutDFRConfig, fair_dropout_positions=["dp5"],
+                             erm_checkpoint=str(fairdropout_dir)).train()
+
+
+def test_trainer_refuses_bad_inputs_before_training(tmp_path, small_digits):
+    with pytest.raises(UnsupportedModelError, match=r"'fc'.*valid positions are \['dp2', 'dp3', 'dp4', 'dp5'\]"):
+        fair_dropout_trainer(tmp_path, small_digits, fair_dropout_positions=["fc"])
+    with pytest.raises(ValueError, match="p_gen"):
+        quick_config(FairDropoutTrainingConfig, tmp_path, p_gen=0.0)
+    with pytest.raises(ValueError, match="names a position twice"):
+        quick_config(FairDropoutTrainingConfig, tmp_path, fair_dropout_positions=["dp3", "dp3"])
+    model, processor = make_model("timm_wrapper_resnet")
+    inject_fair_dropout(model, FairDropoutConfig(positions=["dp2"], p_gen=0.5))
+    with pytest.raises(ValueError, match="already has FairDropout"):
+        FairDropoutTrainer(model, quick_config(FairDropoutTrainingConfig, tmp_path), train_dataset=small_digits["train"])
+
+
+def test_main_job_runs_fairdropout_with_its_options(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script_fd", HERE.parent / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    _, config = train.parse_args(["--method", "fairdropout", "--fair_dropout_positions", "dp3", "dp5",
+                                  "--p_gen", "0.4", "--p_mem", "0.1"])
+    assert config.fair_dropout_positions == ["dp3", "dp5"] and (config.p_gen, config.p_mem) == (0.4, 0.1)
+    _, defaults = train.parse_args(["--method", "fairdropout_dfr"])
+    assert (defaults.p_gen, defaults.p_mem, defaults.dfr_balance) == (0.2, 0.2, "class")
+    with pytest.raises(SystemExit, match="valid positions are"):
+        train.main(["--method", "fairdropout", "--fair_dropout_positions", "pooled", "--output_dir", str(tmp_path),
+                    "--max_train_samples", "8", "--max_eval_samples", "8"])
+
+
+# ----------------------------------------------------------------------------- 2 processes vs 1
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory, digits):
+    tmp = tmp_path_factory.mktemp("fd_dist")
+    script = HERE / "scripts" / "fair_dropout_distributed.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for command, name in (([sys.executable], "one"), (LAUNCH, "two")):
+        result = subprocess.run(command + [str(script), str(tmp / f"{name}.json"), str(tmp / name)], env=env,
+                                capture_output=True, text=True, timeout=600, cwd=tmp)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads((tmp / "one.json").read_text()), json.loads((tmp / "two.json").read_text())
+
+
+@pytest.mark.distributed
+def test_two_processes_give_every_example_its_one_process_mask(distributed_runs):
+    one, two = distributed_runs
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # every example, at both positions, over both epochs: one mask only, and the one of the 1-process run
+    assert one["masks"].keys() == two["masks"].keys() and len(one["masks"]) == 2 * 64
+    assert all(len(v) == 1 for v in one["masks"].values()) and all(len(v) == 1 for v in two["masks"].values())
+    assert one["masks"] == two["masks"]
+    assert one["mask_calls"] == two["mask_calls"] == 2 * 2 * 64
+
+
+@pytest.mark.distributed
+def test_two_processes_train_within_tolerance(distributed_runs):
+    """Stated tolerance: the same 32 examples per optimizer step (2 x 16), so after 2 epochs the per-step losses
+    and the parameters agree to 1e-3 and validation accuracies to within one example."""
+    one, two = distributed_runs
+    assert len(one["train_losses"]) == len(two["train_losses"]) == 4
+    np.testing.assert_allclose(two["train_losses"], one["train_losses"], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(two["params"]), np.asarray(one["params"]), atol=1e-3)
+    key = "eval_validation_accuracy"
+    assert abs(two["eval"][key] - one["eval"][key]) <= 1 / 61 + 1e-9
