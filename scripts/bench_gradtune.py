@@ -156,7 +156,7 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
                               seed=seed)
         trainer = GradTuneTrainer(model, args, train_dataset=data["train"], processing_class=processor,
                                   eval_dataset={"validation": data["validation"]})
-        trainer.load_erm_checkpoint(Path(args.erm_checkpoint))
+        trainer.load_checkpoint_weights(Path(args.erm_checkpoint))
         validation = data["validation"]
         position = {idx: i for i, idx in enumerate(validation["example_idx"])}
         heldout = validation.select([position[i] for i in trainer.heldout_idx.tolist()])

@@ -162,7 +162,15 @@ def benchmark_dfr(seeds: list[int]) -> dict:
     return _bench_gradtune().benchmark_dfr(seeds)
 
 
-BENCHMARKS = {"erm": benchmark_erm, "counterfactual": benchmark_counterfactual, "fairdropout": benchmark_fairdropout,
+def benchmark_masktune(seeds: list[int]) -> dict:
+    """scripts/bench_masktune.py: the main job's ERM -> MaskTune per seed; masking pass / ERM epoch."""
+    sys.path.insert(0, str(HERE))
+    from bench_masktune import benchmark_masktune as run
+
+    return run(seeds, quality)
+
+
+BENCHMARKS = {"erm": benchmark_erm, "masktune": benchmark_masktune, "counterfactual": benchmark_counterfactual, "fairdropout": benchmark_fairdropout,
               "gradtune": benchmark_gradtune, "dfr": benchmark_dfr}
 
 

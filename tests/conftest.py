@@ -1,10 +1,13 @@
 """Shared fixtures: offline environment, tiny models built from configs, small data in the hf_robust data model."""
 
 import os
+import atexit
+import shutil
 import tempfile
 
 # Offline, with a throw-away HF_HOME, before anything imports huggingface_hub / datasets / transformers.
 _HF_HOME = tempfile.mkdtemp(prefix="hf_robust_tests_home_")
+atexit.register(shutil.rmtree, _HF_HOME, True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _HF_HOME

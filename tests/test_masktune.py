@@ -229,6 +229,31 @@ def test_masktune_stages_masks_finetune_and_report(mt_run, small_digits):
         assert (Path(trainer.args.output_dir) / "plots" / plot).stat().st_size > 1000
 
 
+def _bn_state(model):
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return ([b.running_mean.clone() for b in bns], [b.running_var.clone() for b in bns],
+            [b.weight.detach().clone() for b in bns])
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_finetune_keeps_erm_norm_statistics(mt_run, tmp_path, small_digits, freeze):
+    erm_means, erm_vars, erm_weights = _bn_state(mt_run.erm_model())
+    if freeze:
+        trainer = mt_run
+    else:
+        trainer = mt_trainer(tmp_path, small_digits, finetune_learning_rate=3e-4, mask_threshold_std=1.0,
+                             finetune_freeze_norm_statistics=False)
+        trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    means, variances, weights = _bn_state(model)
+    same_stats = all(torch.equal(a, b) for a, b in zip(means + variances, erm_means + erm_vars))
+    assert same_stats == freeze
+    assert any(not torch.equal(a, b) for a, b in zip(weights, erm_weights))  # the affine weights trained
+    assert all("train" not in vars(m) for m in model.modules())  # the patch is gone
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
 def test_masktune_resume_after_masks_does_not_recompute_them(tmp_path, small_digits, monkeypatch):
     trainer = mt_trainer(tmp_path, small_digits, mask_threshold_std=1.0)
     calls = {"masks": 0}

@@ -31,7 +31,7 @@ def quick(tmp_path, *extra):
 
 
 def test_erm_main_job_writes_a_complete_run(tmp_path, train_script, digits, capsys):
-    results = train_script.main(quick(tmp_path))
+    results = train_script.main(quick(tmp_path, "--method", "erm"))
     out = tmp_path / "run"
     saved = json.loads((out / "results.json").read_text())
     assert saved["method"] == "ERM" and saved["dataset"] == "biased_digits"
@@ -43,9 +43,20 @@ def test_erm_main_job_writes_a_complete_run(tmp_path, train_script, digits, caps
     assert "== test_biased ==" in printed and "worst-group accuracy" in printed and "digit 5-9,square" in printed
 
     # resuming a finished run skips its stage and reports the same numbers
-    again = train_script.main(quick(tmp_path, "--resume_from_checkpoint", "true"))
+    again = train_script.main(quick(tmp_path, "--method", "erm", "--resume_from_checkpoint", "true"))
     assert again["skipped_stages"] == ["erm"]
     assert again["splits"]["test_biased"] == results["splits"]["test_biased"]
+
+
+def test_no_argument_default_is_erm_then_masktune(tmp_path, train_script, digits, capsys):
+    script_args, args = train_script.parse_args([])
+    assert script_args.method == "masktune" and script_args.dataset == "biased_digits"
+    assert script_args.model == "digits-resnet18-64" and args.finetune_learning_rate == 3e-4
+    assert args.output_dir == "runs/biased_digits-masktune"
+    results = train_script.main(quick(tmp_path, "--max_train_samples", "128"))
+    assert results["method"] == "MaskTune" and set(results["stages"]) == {"ERM"}
+    printed = capsys.readouterr().out
+    assert "ERM    MaskTune" in printed and "worst-group accuracy" in printed
 
 
 def test_config_file_and_command_line_precedence(tmp_path, train_script):

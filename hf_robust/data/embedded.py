@@ -87,6 +87,7 @@ def make_biased_digits(
     max_shift: float = 4.0,
     scale_range: tuple[float, float] = (0.85, 1.1),
     digit_fraction: float = 0.6,
+    square_unit: str = "source",
 ) -> DatasetDict:
     """MaskTune's biased-MNIST protocol on scikit-learn's bundled digits.
 
@@ -128,9 +129,14 @@ def make_biased_digits(
         chosen = _exact_subset(rng, ~source_label, fraction_0) | _exact_subset(rng, source_label, fraction_1)
         return chosen
 
-    chosen = squares_by_source(sources["train"], majority_fraction, minority_fraction)
+    if square_unit not in ("source", "copy"):
+        raise ValueError(f"square_unit={square_unit!r}: expected 'source' or 'copy'.")
     images, source, label = build(sources["train"], train_copies, True)
-    splits["train"] = (images, source, label, np.repeat(chosen, train_copies))
+    if square_unit == "source":
+        chosen = np.repeat(squares_by_source(sources["train"], majority_fraction, minority_fraction), train_copies)
+    else:  # each jittered image on its own: the minority then spans many distinct digits
+        chosen = _exact_subset(rng, label == 0, majority_fraction) | _exact_subset(rng, label == 1, minority_fraction)
+    splits["train"] = (images, source, label, chosen)
 
     chosen = squares_by_source(sources["validation"], 0.5, 0.5)
     images, source, label = build(sources["validation"], validation_copies, True)

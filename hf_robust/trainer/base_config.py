@@ -56,6 +56,9 @@ class RobustConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and self.device.type == "cpu":
+            # pinning has nothing to pin to on a CPU run; torch warns on every DataLoader otherwise
+            self.dataloader_pin_memory = False
         if self.train_augmentation not in ("none", "flip", "crop_flip"):
             raise ValueError(
                 f"train_augmentation={self.train_augmentation!r}: expected 'none', 'flip' or 'crop_flip'."

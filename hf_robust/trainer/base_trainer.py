@@ -74,6 +74,28 @@ def _json_default(value):
     return str(value)
 
 
+@contextlib.contextmanager
+def frozen_norm_statistics(model: nn.Module):
+    """Within the block, BatchNorm layers of `model` stay in evaluation mode even when the Trainer calls
+    `model.train()`: they normalise with, and keep, their running statistics (their affine weights still train).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in layers]
+
+    def eval_only(self, mode: bool = True):
+        return nn.Module.train(self, False)
+
+    for layer in layers:
+        layer.train = eval_only.__get__(layer)
+        layer.training = False
+    try:
+        yield layers
+    finally:
+        for layer, mode in zip(layers, modes):
+            del layer.train
+            layer.training = mode
+
+
 def maybe_wrap_timm(model: nn.Module) -> nn.Module:
     """A raw timm classifier -> transformers' TimmWrapperForImageClassification around the same module, so it
     takes `pixel_values`/`labels`, computes its loss and saves/loads like any transformers model."""
@@ -549,6 +571,30 @@ class RobustTrainer(Trainer):
         device = "cpu" if self.args.device.type == "cpu" else str(self.args.device)
         target = model if model is not None else self.accelerator.unwrap_model(self.model)
         load_model(target, str(stage_dir / "model.safetensors"), device=device)
+
+    def load_checkpoint_weights(self, folder: Path, via_from_pretrained: bool = True) -> None:
+        """Load a saved model folder (e.g. `erm_checkpoint`) into the model, every key matched or a clear error.
+
+        With `via_from_pretrained` and a `config.json` there, the folder is read by the model class's own
+        `from_pretrained` (which maps the key names of transformers' checkpoint layouts onto the modules);
+        otherwise its `.safetensors` files are loaded as they are (models with modules added by hf_robust)."""
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"erm_checkpoint {folder} holds no .safetensors weights.")
+        if via_from_pretrained and (folder / "config.json").is_file() and hasattr(type(model), "from_pretrained"):
+            state = type(model).from_pretrained(str(folder)).state_dict()
+        else:
+            state = {}
+            for file in files:
+                state.update(load_file(str(file)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
 
     def save_stage_tensors(self, stage_dir: Path, tensors: dict[str, torch.Tensor], name: str = "outputs") -> None:
         """Per-example outputs of a stage, atomically (safetensors)."""

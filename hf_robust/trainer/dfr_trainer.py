@@ -17,8 +17,6 @@ fixes the same recipe: standardisation, liblinear L1, the C grid, averaged retra
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..data.core import DataValidationError
 from .base_trainer import RobustTrainer, Stage
 from .dfr_config import DFRConfig
@@ -59,11 +57,3 @@ class DFRTrainer(LastLayerMixin, RobustTrainer):
 
     def stages(self) -> list[Stage]:
         return [self.erm_stage(), *self.dfr_stages()]
-
-    def results(self) -> dict:
-        return {**super().results(), **self.last_layer_results()}
-
-    def write_report(self, output_dir: str | None = None) -> None:
-        if self.is_world_process_zero() and self.args.save_plots:
-            self.plot_last_layer(Path(output_dir or self.args.output_dir))
-        super().write_report(output_dir)

@@ -123,17 +123,7 @@ class FairDropoutTrainer(RobustTrainer):
                 f"erm_checkpoint {folder} was trained with FairDropout {saved}, but this run asks for "
                 f"{self.fair_dropout_config}: use the same positions, p_gen, p_mem and seed."
             )
-        from safetensors.torch import load_file
-
-        state = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        model = self.accelerator.unwrap_model(self.model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
-            )
+        self.load_checkpoint_weights(folder, via_from_pretrained=False)  # the added projection is no stock key
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -232,12 +222,4 @@ class FairDropoutDFRTrainer(LastLayerMixin, FairDropoutTrainer):
     def _load_fairdropout(self, stage_dir: Path) -> None:
         super()._load_fairdropout(stage_dir)
         self.load_stage_results(stage_dir)
-
-    def results(self) -> dict:
-        return {**super().results(), **self.last_layer_results()}
-
-    def write_report(self, output_dir: str | None = None) -> None:
-        if self.is_world_process_zero() and self.args.save_plots:
-            self.plot_last_layer(Path(output_dir or self.args.output_dir))
-        super().write_report(output_dir)
 

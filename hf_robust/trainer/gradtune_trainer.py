@@ -16,8 +16,6 @@ The paper has no public code; SPEC section 4.2 fixes the details it leaves open.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..data.core import DataValidationError
 from .base_trainer import RobustTrainer, Stage
 from .gradtune_config import GradTuneConfig
@@ -59,11 +57,3 @@ class GradTuneTrainer(LastLayerMixin, RobustTrainer):
 
     def stages(self) -> list[Stage]:
         return [self.erm_stage(), *self.gradtune_stages()]
-
-    def results(self) -> dict:
-        return {**super().results(), **self.last_layer_results()}
-
-    def write_report(self, output_dir: str | None = None) -> None:
-        if self.is_world_process_zero() and self.args.save_plots:
-            self.plot_last_layer(Path(output_dir or self.args.output_dir))
-        super().write_report(output_dir)

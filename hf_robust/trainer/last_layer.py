@@ -37,8 +37,7 @@ Reusing the stages in another trainer (e.g. FairDropout-DFR = FairDropout traini
         def stages(self):
             return super().stages() + self.dfr_stages()   # [..., heldout, scores, select, last_layer]
 
-        def results(self):                                # held-out / selection summary in results.json
-            return {**super().results(), **self.last_layer_results()}
+The mixin adds the held-out / selection summary to `results()` and the gradient-norm plot to `write_report()`.
 
 `dfr_stages()` reads the DFR fields of the config (`dfr_balance`, `dfr_head`, `dfr_num_subsets`,
 `dfr_regularization`); `gradtune_stages()` reads GradTune's (`finetune_set_size`, `top_k`);
@@ -420,6 +419,14 @@ class LastLayerMixin:
     """Last-layer stages for a `RobustTrainer` subclass whose config mixes in `LastLayerArguments` (module
     docstring). Put it before the trainer class in the bases and call `setup_last_layer()` in `__init__`."""
 
+    def results(self) -> dict:
+        return {**super().results(), **self.last_layer_results()}
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        if self.is_world_process_zero() and self.args.save_plots:
+            self.plot_last_layer(Path(output_dir or self.args.output_dir))
+        super().write_report(output_dir)
+
     def setup_last_layer(self, heldout_dataset=None) -> None:
         """Find and check the held-out split, and compute its seeded split, before any training."""
         if not isinstance(self.args, LastLayerArguments):
@@ -524,7 +531,7 @@ class LastLayerMixin:
     # -- erm
     def _run_erm(self, stage_dir: Path, resume: bool) -> None:
         if self.args.erm_checkpoint:
-            self.load_erm_checkpoint(Path(self.args.erm_checkpoint))
+            self.load_checkpoint_weights(Path(self.args.erm_checkpoint))
         else:
             self.train_stage(stage_dir, resume)
         self.save_model_state(stage_dir)
@@ -533,27 +540,6 @@ class LastLayerMixin:
     def _load_erm(self, stage_dir: Path) -> None:
         self.load_model_state(stage_dir)
         self.load_stage_results(stage_dir)
-
-    def load_erm_checkpoint(self, folder: Path) -> None:
-        """Load a `save_pretrained` folder into the model (its own class's `from_pretrained`, which maps the saved
-        key names of transformers' checkpoint layout, e.g. ViT's, onto the modules; raw safetensors otherwise)."""
-        from safetensors.torch import load_file
-
-        model = self.accelerator.unwrap_model(self.model)
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"erm_checkpoint {folder} holds no .safetensors weights.")
-        if (folder / "config.json").is_file() and hasattr(type(model), "from_pretrained"):
-            state = type(model).from_pretrained(str(folder)).state_dict()
-        else:
-            state = {}
-            for file in files:
-                state.update(load_file(str(file)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
-            )
 
     # -- heldout
     def _run_heldout(self, stage_dir: Path, resume: bool) -> None:

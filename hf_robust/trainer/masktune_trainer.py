@@ -17,6 +17,7 @@ Inspired by the authors' code (github.com/aliasgharkhani/Masktune) for the order
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from functools import partial
@@ -29,7 +30,7 @@ from ..cam import normalize_per_image, threshold_masks, token_attributions, upsa
 from ..data.core import DataValidationError
 from ..masking import MaskStore
 from ..selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
-from .base_trainer import RobustTrainer, Stage
+from .base_trainer import RobustTrainer, Stage, frozen_norm_statistics
 from .masktune_config import MaskTuneConfig
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class MaskTuneTrainer(RobustTrainer):
 
     def _run_erm(self, stage_dir: Path, resume: bool) -> None:
         if self.args.erm_checkpoint:
-            self._load_erm_checkpoint(Path(self.args.erm_checkpoint))
+            self.load_checkpoint_weights(Path(self.args.erm_checkpoint))
             final_lr = None
         else:
             self.train_stage(stage_dir, resume)
@@ -139,22 +140,6 @@ class MaskTuneTrainer(RobustTrainer):
         self.load_model_state(stage_dir)
         self.finetune_learning_rate = self.load_stage_json(stage_dir, "stage_info")["finetune_learning_rate"]
         self.load_stage_results(stage_dir)
-
-    def _load_erm_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"erm_checkpoint {folder} holds no .safetensors weights.")
-        state = {}
-        for file in files:
-            state.update(load_file(str(file)))
-        model = self.accelerator.unwrap_model(self.model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
-            )
 
     def _choose_finetune_lr(self, erm_final_lr: float | None) -> float:
         if self.args.finetune_learning_rate is not None:
@@ -205,11 +190,14 @@ class MaskTuneTrainer(RobustTrainer):
     def _run_finetune(self, stage_dir: Path, resume: bool) -> None:
         plain = self.train_collator
         self.train_collator = plain.with_options(example_transform=self._transform(self.masks))
+        freeze = self.args.finetune_freeze_norm_statistics
+        norm_context = frozen_norm_statistics(self.accelerator.unwrap_model(self.model)) if freeze else contextlib.nullcontext()
         try:
-            self.train_stage(
-                stage_dir, resume, num_train_epochs=1, max_steps=-1, learning_rate=self.finetune_learning_rate,
-                lr_scheduler_type="constant", warmup_steps=0,
-            )
+            with norm_context:
+                self.train_stage(
+                    stage_dir, resume, num_train_epochs=1, max_steps=-1, learning_rate=self.finetune_learning_rate,
+                    lr_scheduler_type="constant", warmup_steps=0,
+                )
         finally:
             self.train_collator = plain
         self.save_model_state(stage_dir)
