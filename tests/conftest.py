@@ -2,7 +2,10 @@
 
 import os
 import atexit
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Offline, with a throw-away HF_HOME, before anything imports huggingface_hub / datasets / transformers.
@@ -134,3 +137,20 @@ def text_data():
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+LAUNCH_TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def one_and_two_process_runs(script: Path, tmp: Path, *extra: str) -> tuple[dict, dict]:
+    """Run `script <out.json> <work dir> *extra` as one process, then as two under `accelerate launch --multi_gpu`
+    (CPU, gloo; `--cpu --num_processes 2` would silently run one); return both JSON outputs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    outputs = []
+    for name, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
+        command = prefix + [str(script), str(tmp / f"{name}.json"), str(tmp / name), *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        outputs.append(json.loads((tmp / f"{name}.json").read_text()))
+    return outputs[0], outputs[1]

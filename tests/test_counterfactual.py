@@ -5,7 +5,6 @@ stages and WiSE-FT, the main job, the cached digits teacher, bad inputs."""
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import make_model, one_and_two_process_runs, quick_config
 from counterfactual_helpers import CLASS_NAMES, tiny_clip, tiny_clip_classifier
 from datasets import DatasetDict
 
@@ -448,22 +447,11 @@ def test_digits_teacher_is_trained_once_and_cached(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- two processes
 SCRIPT = Path(__file__).parent / "scripts" / "counterfactual_distributed.py"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def _run(command, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    tmp = tmp_path_factory.mktemp("cf_dist")
-    _run([sys.executable, str(SCRIPT), str(tmp / "one.json"), str(tmp / "one")], tmp)
-    _run(LAUNCH + [str(SCRIPT), str(tmp / "two.json"), str(tmp / "two")], tmp)
-    return json.loads((tmp / "one.json").read_text()), json.loads((tmp / "two.json").read_text())
+    return one_and_two_process_runs(SCRIPT, tmp_path_factory.mktemp("cf_dist"))
 
 
 @pytest.mark.distributed

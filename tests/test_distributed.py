@@ -1,31 +1,17 @@
 """N processes give the result of one: a real 2-process run (accelerate launch --multi_gpu, CPU, gloo)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_and_two_process_runs
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_check.py"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def _run(command, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    tmp = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, str(SCRIPT), str(tmp / "one.json"), str(tmp / "one")], tmp)
-    _run(LAUNCH + [str(SCRIPT), str(tmp / "two.json"), str(tmp / "two")], tmp)
-    return json.loads((tmp / "one.json").read_text()), json.loads((tmp / "two.json").read_text())
+    return one_and_two_process_runs(SCRIPT, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.mark.distributed

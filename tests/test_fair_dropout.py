@@ -3,15 +3,13 @@ family, persistence, export to stock transformers/timm models, activation checkp
 FairDropout-DFR, the main job), 2 processes vs 1, bad inputs."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, quick_config
+from conftest import make_model, one_and_two_process_runs, quick_config
 from torch import nn
 
 from hf_robust.adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
@@ -518,20 +516,9 @@ def test_main_job_runs_fairdropout_with_its_options(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2 processes vs 1
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, digits):
-    tmp = tmp_path_factory.mktemp("fd_dist")
-    script = HERE / "scripts" / "fair_dropout_distributed.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for command, name in (([sys.executable], "one"), (LAUNCH, "two")):
-        result = subprocess.run(command + [str(script), str(tmp / f"{name}.json"), str(tmp / name)], env=env,
-                                capture_output=True, text=True, timeout=600, cwd=tmp)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return json.loads((tmp / "one.json").read_text()), json.loads((tmp / "two.json").read_text())
+    return one_and_two_process_runs(HERE / "scripts" / "fair_dropout_distributed.py", tmp_path_factory.mktemp("fd_dist"))
 
 
 @pytest.mark.distributed

@@ -3,8 +3,6 @@ the head trainer, the stages and resume, 2 processes = 1 process, no group label
 bad inputs."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import make_model, one_and_two_process_runs, quick_config
 
 from hf_robust.adapters import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
@@ -468,21 +466,12 @@ def test_train_script_runs_gradtune_and_parses_dfr(tmp_path, digits):
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
 SCRIPT = Path(__file__).parent / "scripts" / "gradtune_distributed.py"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
     tmp = tmp_path_factory.mktemp("gt_dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    outputs = []
-    for name, prefix in (("one", [sys.executable]), ("two", LAUNCH)):
-        command = prefix + [str(SCRIPT), str(tmp / f"{name}.json"), str(tmp / name), str(tmp / "erm")]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        outputs.append(json.loads((tmp / f"{name}.json").read_text()))
-    return outputs
+    return one_and_two_process_runs(SCRIPT, tmp, str(tmp / "erm"))
 
 
 @pytest.mark.distributed

@@ -2,16 +2,13 @@
 resume, determinism, text masking, selective classification, bad inputs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import make_model, one_and_two_process_runs, quick_config
 from torch import nn
 
 from hf_robust.adapters import get_adapter
@@ -406,21 +403,12 @@ def test_selective_classifier_abstains_when_models_disagree():
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
 DIST_SCRIPT = Path(__file__).parent / "scripts" / "masktune_distributed.py"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
     tmp = tmp_path_factory.mktemp("mt_dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    outputs = []
-    for name, prefix in (("one", [sys.executable]), ("two", LAUNCH)):
-        command = prefix + [str(DIST_SCRIPT), str(tmp / f"{name}.json"), str(tmp / name), str(tmp / "erm")]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        outputs.append(json.loads((tmp / f"{name}.json").read_text()))
-    return outputs
+    return one_and_two_process_runs(DIST_SCRIPT, tmp, str(tmp / "erm"))
 
 
 @pytest.mark.distributed
