@@ -131,6 +131,7 @@ class RobustTrainer(Trainer):
 
     _tag_names = ["hf_robust", "erm"]
     _name = "ERM"
+    _config_class = RobustConfig  # each method's trainer names its config class
     _paper: dict | None = None
     _summary = (
         "Empirical risk minimisation: plain fine-tuning, the baseline that spurious correlations hurt. Its worst "
@@ -140,6 +141,16 @@ class RobustTrainer(Trainer):
     _requires: tuple[str, ...] = ()
     # input kinds the method accepts
     _input_kinds: tuple[str, ...] = ("image", "text", "text_pair")
+
+    @classmethod
+    def _resolve_args(cls, args):
+        """The method's default config when `args` is None; a TypeError when it is not the method's config."""
+        if args is None:
+            return cls._config_class(output_dir=f"{cls._name.lower().replace('-', '_')}_output")
+        if not isinstance(args, cls._config_class):
+            raise TypeError(f"{cls.__name__} needs a {cls._config_class.__name__} (or a subclass), got "
+                            f"{type(args).__name__}.")
+        return args
 
     def __init__(
         self,
@@ -156,10 +167,7 @@ class RobustTrainer(Trainer):
         model_name_or_path: str | None = None,
         **kwargs,
     ):
-        if args is None:
-            args = RobustConfig(output_dir=f"{type(self).__name__.lower()}_output")
-        if not isinstance(args, RobustConfig):
-            raise TypeError(f"{type(self).__name__} needs a RobustConfig (or a subclass), got {type(args).__name__}.")
+        args = self._resolve_args(args)
         model = maybe_wrap_timm(model)
         self.adapter = get_adapter(model, classifier=args.classifier_layer, target_layer=args.cam_target_layer)
         self.adapter.require("classifier", *self._requires)

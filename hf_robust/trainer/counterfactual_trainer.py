@@ -59,6 +59,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
     """
 
     _tag_names = ["hf_robust", "counterfactual-distillation", "wise-ft"]
+    _config_class = CounterfactualDistillConfig
     _name = "CounterfactualDistill"
     _paper = {
         "title": "Masked Images Are Counterfactual Samples for Robust Fine-tuning",
@@ -81,10 +82,6 @@ class CounterfactualDistillTrainer(RobustTrainer):
     _input_kinds = ("image",)
 
     def __init__(self, model, args: CounterfactualDistillConfig | None = None, *pargs, teacher=None, **kwargs):
-        if args is None:
-            args = CounterfactualDistillConfig(output_dir="counterfactual_output")
-        if not isinstance(args, CounterfactualDistillConfig):
-            raise TypeError(f"CounterfactualDistillTrainer needs a CounterfactualDistillConfig, got {type(args).__name__}.")
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None:
             raise DataValidationError("CounterfactualDistillTrainer needs a train_dataset to fine-tune on.")

@@ -28,6 +28,7 @@ class DFRTrainer(LastLayerMixin, RobustTrainer):
     `heldout_dataset` (default: the `heldout_split` entry of `eval_dataset`, "validation")."""
 
     _tag_names = ["hf_robust", "dfr"]
+    _config_class = DFRConfig
     _name = "DFR"
     _paper = {
         "title": "Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations",
@@ -46,10 +47,6 @@ class DFRTrainer(LastLayerMixin, RobustTrainer):
     )
 
     def __init__(self, model, args: DFRConfig | None = None, *pargs, heldout_dataset=None, **kwargs):
-        if args is None:
-            args = DFRConfig(output_dir="dfr_output")
-        if not isinstance(args, DFRConfig):
-            raise TypeError(f"DFRTrainer needs a DFRConfig, got {type(args).__name__}.")
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None and args.erm_checkpoint is None:
             raise DataValidationError("DFRTrainer needs a train_dataset for its ERM stage (or an erm_checkpoint).")

@@ -67,10 +67,7 @@ class FairDropoutTrainer(RobustTrainer):
     _config_class = FairDropoutTrainingConfig
 
     def __init__(self, model, args: FairDropoutTrainingConfig | None = None, *pargs, **kwargs):
-        if args is None:
-            args = self._config_class(output_dir=f"{self._name.lower().replace('-', '_')}_output")
-        if not isinstance(args, self._config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}.")
+        args = self._resolve_args(args)  # needed before the base __init__: the hooks go in first
         model = maybe_wrap_timm(model)
         wanted = args.fair_dropout_config()
         existing = fair_dropout_modules(model)

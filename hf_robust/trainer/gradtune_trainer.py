@@ -27,6 +27,7 @@ class GradTuneTrainer(LastLayerMixin, RobustTrainer):
     `heldout_dataset` (default: the `heldout_split` entry of `eval_dataset`, "validation")."""
 
     _tag_names = ["hf_robust", "gradtune"]
+    _config_class = GradTuneConfig
     _name = "GradTune"
     _paper = {
         "title": "GradTune: Last-Layer Fine-Tuning for Group Robustness without Group Annotation",
@@ -46,10 +47,6 @@ class GradTuneTrainer(LastLayerMixin, RobustTrainer):
     )
 
     def __init__(self, model, args: GradTuneConfig | None = None, *pargs, heldout_dataset=None, **kwargs):
-        if args is None:
-            args = GradTuneConfig(output_dir="gradtune_output")
-        if not isinstance(args, GradTuneConfig):
-            raise TypeError(f"GradTuneTrainer needs a GradTuneConfig, got {type(args).__name__}.")
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None and args.erm_checkpoint is None:
             raise DataValidationError("GradTuneTrainer needs a train_dataset for its ERM stage (or an erm_checkpoint).")

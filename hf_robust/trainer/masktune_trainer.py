@@ -72,6 +72,7 @@ class MaskTuneTrainer(RobustTrainer):
     """ERM, then MaskTune: see the module docstring. Args as [`RobustTrainer`], with a [`MaskTuneConfig`]."""
 
     _tag_names = ["hf_robust", "masktune"]
+    _config_class = MaskTuneConfig
     _name = "MaskTune"
     _paper = {
         "title": "MaskTune: Mitigating Spurious Correlations by Forcing to Explore",
@@ -92,10 +93,6 @@ class MaskTuneTrainer(RobustTrainer):
     )
 
     def __init__(self, model, args: MaskTuneConfig | None = None, *pargs, **kwargs):
-        if args is None:
-            args = MaskTuneConfig(output_dir="masktune_output")
-        if not isinstance(args, MaskTuneConfig):
-            raise TypeError(f"MaskTuneTrainer needs a MaskTuneConfig, got {type(args).__name__}.")
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None:
             raise DataValidationError("MaskTuneTrainer needs a train_dataset: the masks are computed on it.")
