@@ -559,6 +559,24 @@ class RobustTrainer(Trainer):
         self.train_stage(stage_dir, resume)
         self.save_model_state(stage_dir)
 
+    def erm_baseline_stage(self) -> Stage:
+        """The `erm` stage of a method that starts from ERM: train it (or load the config's `erm_checkpoint`),
+        save it and evaluate it as the "ERM" baseline of the report (kept across a resume)."""
+        return Stage("erm", self._run_erm_baseline, self._load_erm_baseline)
+
+    def _run_erm_baseline(self, stage_dir: Path, resume: bool) -> None:
+        checkpoint = getattr(self.args, "erm_checkpoint", None)
+        if checkpoint:
+            self.load_checkpoint_weights(Path(checkpoint))
+        else:
+            self.train_stage(stage_dir, resume)
+        self.save_model_state(stage_dir)
+        self.evaluate_stage("ERM", stage_dir)
+
+    def _load_erm_baseline(self, stage_dir: Path) -> None:
+        self.load_model_state(stage_dir)
+        self.load_stage_results(stage_dir)
+
     def save_model_state(self, stage_dir: Path) -> None:
         """All parameters and buffers of the (unwrapped) model, atomically, as the stage's output."""
         if self.is_world_process_zero():

@@ -53,4 +53,4 @@ class DFRTrainer(LastLayerMixin, RobustTrainer):
         self.setup_last_layer(heldout_dataset)  # also refuses dfr_balance='group' without group labels
 
     def stages(self) -> list[Stage]:
-        return [self.erm_stage(), *self.dfr_stages()]
+        return [self.erm_baseline_stage(), *self.dfr_stages()]

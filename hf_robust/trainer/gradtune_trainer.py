@@ -53,4 +53,4 @@ class GradTuneTrainer(LastLayerMixin, RobustTrainer):
         self.setup_last_layer(heldout_dataset)
 
     def stages(self) -> list[Stage]:
-        return [self.erm_stage(), *self.gradtune_stages()]
+        return [self.erm_baseline_stage(), *self.gradtune_stages()]

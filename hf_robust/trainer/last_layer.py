@@ -42,7 +42,7 @@ The mixin adds the held-out / selection summary to `results()` and the gradient-
 `dfr_stages()` reads the DFR fields of the config (`dfr_balance`, `dfr_head`, `dfr_num_subsets`,
 `dfr_regularization`); `gradtune_stages()` reads GradTune's (`finetune_set_size`, `top_k`);
 `last_layer_stages(select, fit_head)` takes any selection rule `select(LastLayerData) -> (R, n) example_idx`
-and head fitter. `erm_stage()` is the `erm` stage of GradTune and DFR (trains ERM or loads `erm_checkpoint`,
+and head fitter. `erm_baseline_stage()` (RobustTrainer) is the `erm` stage of GradTune and DFR (trains ERM or loads `erm_checkpoint`,
 then records the "ERM" baseline). The first stage of the host trainer must leave the model to retrain in
 `self.model`, and, when the host's own stages do not restore the model on resume, their `load` must.
 
@@ -501,10 +501,6 @@ class LastLayerMixin:
         )
 
     # -- stage lists
-    def erm_stage(self) -> Stage:
-        """The `erm` stage: train ERM (or load `erm_checkpoint`), save it, record the "ERM" baseline."""
-        return Stage("erm", self._run_erm, self._load_erm)
-
     def last_layer_stages(
         self,
         select: Callable[[LastLayerData], torch.Tensor],
@@ -527,19 +523,6 @@ class LastLayerMixin:
     def dfr_stages(self) -> list[Stage]:
         head = self.fit_logistic_l1_head if self.args.dfr_head == "logistic_l1" else self.fit_sgd_head
         return self.last_layer_stages(self.select_balanced, head)
-
-    # -- erm
-    def _run_erm(self, stage_dir: Path, resume: bool) -> None:
-        if self.args.erm_checkpoint:
-            self.load_checkpoint_weights(Path(self.args.erm_checkpoint))
-        else:
-            self.train_stage(stage_dir, resume)
-        self.save_model_state(stage_dir)
-        self.evaluate_stage("ERM", stage_dir)
-
-    def _load_erm(self, stage_dir: Path) -> None:
-        self.load_model_state(stage_dir)
-        self.load_stage_results(stage_dir)
 
     # -- heldout
     def _run_heldout(self, stage_dir: Path, resume: bool) -> None:

@@ -114,29 +114,24 @@ class MaskTuneTrainer(RobustTrainer):
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
-        stages = [Stage("erm", self._run_erm, self._load_erm)]
+        stages = [self.erm_baseline_stage()]
         for i in range(1, self.args.masktune_iterations + 1):
             stages.append(Stage(f"masks_{i}", partial(self._run_masks, i), self._load_masks))
             stages.append(Stage(f"finetune_{i}", self._run_finetune, self.load_model_state))
         stages.append(Stage("selective", self._run_selective, self._load_selective))
         return stages
 
-    def _run_erm(self, stage_dir: Path, resume: bool) -> None:
-        if self.args.erm_checkpoint:
-            self.load_checkpoint_weights(Path(self.args.erm_checkpoint))
-            final_lr = None
-        else:
-            self.train_stage(stage_dir, resume)
-            final_lr = float(self.lr_scheduler.get_last_lr()[0]) if self.lr_scheduler is not None else None
-        self.save_model_state(stage_dir)
+    def _run_erm_baseline(self, stage_dir: Path, resume: bool) -> None:
+        super()._run_erm_baseline(stage_dir, resume)
+        # ERM's final learning rate (none when the model came from erm_checkpoint): the fine-tuning default
+        trained = not self.args.erm_checkpoint and self.lr_scheduler is not None
+        final_lr = float(self.lr_scheduler.get_last_lr()[0]) if trained else None
         self.finetune_learning_rate = self._choose_finetune_lr(final_lr)
         self.save_stage_json(stage_dir, "stage_info", {"finetune_learning_rate": self.finetune_learning_rate})
-        self.evaluate_stage("ERM", stage_dir)
 
-    def _load_erm(self, stage_dir: Path) -> None:
-        self.load_model_state(stage_dir)
+    def _load_erm_baseline(self, stage_dir: Path) -> None:
+        super()._load_erm_baseline(stage_dir)
         self.finetune_learning_rate = self.load_stage_json(stage_dir, "stage_info")["finetune_learning_rate"]
-        self.load_stage_results(stage_dir)
 
     def _choose_finetune_lr(self, erm_final_lr: float | None) -> float:
         if self.args.finetune_learning_rate is not None:
