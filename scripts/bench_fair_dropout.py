@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import interleaved
+
 POSITIONS = ["dp2", "dp3", "dp4", "dp5"]
 DEFAULT_P = (0.2, 0.2)
 P_GRID = [(0.2, 0.1), (0.4, 0.1), (0.5, 0.1)]
@@ -132,20 +134,6 @@ def quality(train, seeds: list[int], work_dir: str | None = None, log=print) -> 
 
 
 # ----------------------------------------------------------------------------------------------- speed
-def _interleaved(functions: dict, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of each call of each function, the functions run in turn so that machine load hits them alike."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> dict:
     """The ratio of two interleaved timings: median of the per-repetition ratios (robust to load that drifts)
     and the ratio of the fastest calls (the least disturbed ones)."""
@@ -204,8 +192,9 @@ def timing(repeats: int = 30, position: str = "dp4") -> dict:
             optimizer.step()
         return run
 
-    steps = _interleaved({"erm": step(erm, optimizers["erm"]),
-                          "fairdropout": step(fd, optimizers["fd"], example_idx=batch["example_idx"])}, repeats)
+    _, steps = interleaved({"erm": step(erm, optimizers["erm"]),
+                            "fairdropout": step(fd, optimizers["fd"], example_idx=batch["example_idx"])},
+                           repeats, warmup=3)
 
     # mask generation for this position's activation (B, C, H, W), B = 128 and 512
     features = {}
@@ -224,11 +213,11 @@ def timing(repeats: int = 30, position: str = "dp4") -> dict:
     masks = {}
     for size in (128, 512):
         idx = torch.arange(size) * 7 + 3
-        generation = _interleaved(
+        _, generation = interleaved(
             {"vectorised": lambda: fair_dropout_mask(idx, channels, handle.p_gen, handle.p_mem, handle.seed),
              "per_example_reseed_loop": lambda: maini_style_masks(idx, (size, channels, height, width),
                                                                    handle.p_gen, handle.p_mem)},
-            max(5, repeats // 3),
+            max(5, repeats // 3), warmup=3,
         )
         masks[f"batch_{size}"] = {
             "vectorised_ms": _ms(generation["vectorised"]),
@@ -247,7 +236,8 @@ def timing(repeats: int = 30, position: str = "dp4") -> dict:
                 model(pixel_values=eval_batch)
         return run
 
-    inference = _interleaved({"erm": infer(erm), "exported": infer(stock), "hooked": infer(fd)}, repeats)
+    _, inference = interleaved({"erm": infer(erm), "exported": infer(stock), "hooked": infer(fd)}, repeats,
+                               warmup=3)
     return {
         "model": "digits-resnet18 (biased_digits preset)",
         "position": position,

@@ -21,28 +21,16 @@ is shared):
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from bench_common import interleaved, train_script
+
 _ERM_DIRS: dict[int, str] = {}
 _WORK = None
-
-
-def _train_script():
-    name = "hf_robust_train_script"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _work_dir() -> Path:
@@ -57,7 +45,7 @@ def erm_checkpoint(seed: int) -> str:
     """The main job's ERM model for `seed` (biased_digits defaults), trained once per benchmark process."""
     if seed not in _ERM_DIRS:
         out = _work_dir() / f"erm_seed{seed}"
-        _train_script().main(["--method", "erm", "--seed", str(seed), "--output_dir", str(out), "--disable_tqdm",
+        train_script().main(["--method", "erm", "--seed", str(seed), "--output_dir", str(out), "--disable_tqdm",
                               "true", "--save_strategy", "no"])
         _ERM_DIRS[seed] = str(out)
     return _ERM_DIRS[seed]
@@ -96,7 +84,7 @@ def _summarise(runs: list[dict]) -> dict:
 
 
 def quality(method: str, seeds: list[int], extra: list[str] | None = None) -> dict:
-    train = _train_script()
+    train = train_script()
     runs = []
     for seed in seeds:
         checkpoint = erm_checkpoint(seed)
@@ -121,18 +109,6 @@ def _timed(fn, repeats: int = 3):
     return result, min(times), statistics.median(times)
 
 
-def _interleaved(fns: dict, repeats: int = 5) -> tuple[dict, dict]:
-    """Run the functions in turn, `repeats` rounds, so that a busy machine slows them alike: (last results,
-    {name: [seconds per round]})."""
-    results, times = {}, {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return results, times
-
-
 def timing(seed: int = 0, naive_examples: int = 60) -> dict:
     """Scoring vs inference vs per-example backward vs torch.func, and the last-layer stage, in one process."""
     import torch
@@ -146,7 +122,7 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
     from hf_robust.trainer.last_layer import select_by_gradient_norm, train_linear_head
 
     transformers.logging.set_verbosity_error()
-    train = _train_script()
+    train = train_script()
     defaults = {**train.COMMON_DEFAULTS, **train.DATASET_DEFAULTS["biased_digits"]}
     data = load_benchmark("biased_digits")
     model, processor = load_model(defaults["model"], 2, data["train"].features["label"].names)
@@ -176,12 +152,12 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
 
         naive_subset = heldout.select(range(naive_examples))
         trainer.compute_per_example(heldout, inference, description="Warm-up")
-        passes, seconds = _interleaved({
+        passes, seconds = interleaved({
             "inference": lambda: trainer.compute_per_example(heldout, inference, description="Inference"),
             "scoring": lambda: trainer.compute_last_layer_data(heldout),
             "naive": lambda: trainer.compute_per_example(naive_subset, per_example_backward, batch_size=1,
                                                          description="Per-example backward"),
-        })
+        }, repeats=5)
         scores, naive = passes["scoring"], passes["naive"]
         trainer.model.zero_grad(set_to_none=True)
         infer_min, infer_median = min(seconds["inference"]), statistics.median(seconds["inference"])

@@ -14,7 +14,6 @@ Each method contributes one function to BENCHMARKS; running a subset of methods 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -24,16 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import train_script  # scripts/ is sys.path[0] when this file runs
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "benchmark_results.json"
-
-
-def _train_script():
-    spec = importlib.util.spec_from_file_location("hf_robust_train_script", HERE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _summary(runs: list[dict], split: str) -> dict:
@@ -50,7 +43,7 @@ def _summary(runs: list[dict], split: str) -> dict:
 def quality(method: str, seeds: list[int], extra: list[str] | None = None, collect: tuple[str, ...] = ()) -> dict:
     """Run the main job per seed (default recipe) and keep every split's report plus wall-clock time (and the
     `collect` keys of the results, for methods that report more)."""
-    train = _train_script()
+    train = train_script()
     runs = []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -131,47 +124,42 @@ def benchmark_erm(seeds: list[int]) -> dict:
 
 
 def benchmark_counterfactual(seeds: list[int]) -> dict:
-    sys.path.insert(0, str(HERE))
-    from bench_counterfactual import benchmark_counterfactual as run
+    """scripts/bench_counterfactual.py: the embedded demo per seed; distillation step / plain step."""
+    import bench_counterfactual
 
-    return run(seeds, quality)
+    return bench_counterfactual.benchmark_counterfactual(seeds, quality)
 
 
 def benchmark_fairdropout(seeds: list[int]) -> dict:
     """Position/p chosen on validation worst-class accuracy; FairDropout, FairDropout-DFR and ERM on every seed;
     speed ratios (scripts/bench_fair_dropout.py)."""
-    spec = importlib.util.spec_from_file_location("bench_fair_dropout", HERE / "bench_fair_dropout.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return {"timing": bench.timing(), "quality": bench.quality(_train_script(), seeds)}
+    import bench_fair_dropout
 
-
-def _bench_gradtune():
-    """scripts/bench_gradtune.py: GradTune and DFR share one ERM model per seed within a process."""
-    sys.path.insert(0, str(HERE))
-    import bench_gradtune
-
-    return bench_gradtune
+    return {"timing": bench_fair_dropout.timing(), "quality": bench_fair_dropout.quality(train_script(), seeds)}
 
 
 def benchmark_gradtune(seeds: list[int]) -> dict:
-    return _bench_gradtune().benchmark_gradtune(seeds)
+    """scripts/bench_gradtune.py: GradTune and DFR share one ERM model per seed within a process."""
+    import bench_gradtune
+
+    return bench_gradtune.benchmark_gradtune(seeds)
 
 
 def benchmark_dfr(seeds: list[int]) -> dict:
-    return _bench_gradtune().benchmark_dfr(seeds)
+    import bench_gradtune
+
+    return bench_gradtune.benchmark_dfr(seeds)
 
 
 def benchmark_masktune(seeds: list[int]) -> dict:
     """scripts/bench_masktune.py: the main job's ERM -> MaskTune per seed; masking pass / ERM epoch."""
-    sys.path.insert(0, str(HERE))
-    from bench_masktune import benchmark_masktune as run
+    import bench_masktune
 
-    return run(seeds, quality)
+    return bench_masktune.benchmark_masktune(seeds, quality)
 
 
-BENCHMARKS = {"erm": benchmark_erm, "masktune": benchmark_masktune, "counterfactual": benchmark_counterfactual, "fairdropout": benchmark_fairdropout,
-              "gradtune": benchmark_gradtune, "dfr": benchmark_dfr}
+BENCHMARKS = {"erm": benchmark_erm, "masktune": benchmark_masktune, "gradtune": benchmark_gradtune,
+              "dfr": benchmark_dfr, "fairdropout": benchmark_fairdropout, "counterfactual": benchmark_counterfactual}
 
 
 def main() -> None:

@@ -1,0 +1,36 @@
+"""Helpers shared by scripts/benchmark.py and the per-method modules it imports (bench_*.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+_TRAIN_MODULE = "hf_robust_train_script"
+
+
+def train_script():
+    """scripts/train.py as a module (imported once per process): its `main(argv)` runs the main job in-process."""
+    if _TRAIN_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(_TRAIN_MODULE, HERE / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_TRAIN_MODULE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[_TRAIN_MODULE]
+
+
+def interleaved(functions: dict, repeats: int, warmup: int = 0) -> tuple[dict, dict[str, list[float]]]:
+    """Run the functions in turn, `repeats` rounds (after `warmup` untimed ones), so that machine load hits them
+    alike: ({name: last result}, {name: [seconds of each round]})."""
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    results, times = {}, {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return results, times
