@@ -78,22 +78,19 @@ def quality_summary(runs: list[dict]) -> dict:
     }
 
 
-def step_ratio(repeats: int = 15, batch_size: int = 128) -> dict:
-    """Median seconds of one distillation step and one plain fine-tuning step (same model, same batch)."""
+def _step_ratio(model, processor, batch_size: int, repeats: int, teacher_dtype: str | None = None) -> dict:
+    """Median seconds of one distillation step and one plain fine-tuning step of `model` on the same batch
+    (interleaved, after 2 warm-up pairs), each with its backward, gradient clipping and optimizer step."""
     import torch
-    import transformers
 
     from hf_robust.data import load_benchmark
-    from hf_robust.models import load_model
     from hf_robust.trainer import CounterfactualDistillConfig, CounterfactualDistillTrainer
 
-    transformers.logging.set_verbosity_error()
     data = load_benchmark("biased_digits")
-    transformers.set_seed(0)
-    model, processor = load_model("digits-clip", 2, data["train"].features["label"].names)
     with tempfile.TemporaryDirectory() as tmp:
         args = CounterfactualDistillConfig(output_dir=tmp, per_device_train_batch_size=batch_size, save_strategy="no",
-                                           report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+                                           report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+                                           teacher_dtype=teacher_dtype)
         trainer = CounterfactualDistillTrainer(model, args, train_dataset=data["train"], processing_class=processor)
         trainer.create_optimizer()
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, read by training_step
@@ -111,7 +108,7 @@ def step_ratio(repeats: int = 15, batch_size: int = 128) -> dict:
                 torch.cuda.synchronize()
             return time.perf_counter() - start
 
-        for _ in range(3):  # warm-up
+        for _ in range(2):  # warm-up
             step(False), step(True)
         plain, distill = [], []
         for _ in range(repeats):  # interleaved: both see the same machine load
@@ -119,17 +116,60 @@ def step_ratio(repeats: int = 15, batch_size: int = 128) -> dict:
             distill.append(step(True))
     plain_s, distill_s = statistics.median(plain), statistics.median(distill)
     return {
-        "model": "digits-clip (CLIP ViT, 32x32, 8x8 patches)", "batch_size": batch_size, "repeats": repeats,
+        "batch_size": batch_size, "repeats": repeats, "teacher_dtype": teacher_dtype or "float32 (the student's)",
         "plain_step_seconds": round(plain_s, 4), "distill_step_seconds": round(distill_s, 4),
         "distill_over_plain": round(distill_s / plain_s, 3), "target": 2.5,
     }
+
+
+def step_ratio(repeats: int = 15, batch_size: int = 128, teacher_dtype: str | None = None) -> dict:
+    """The step ratio on the embedded demo's model (`digits-clip`: CLIP ViT, 32x32 images, 8x8 patches, width 64,
+    4 blocks)."""
+    import transformers
+
+    from hf_robust.data import load_benchmark
+    from hf_robust.models import load_model
+
+    transformers.logging.set_verbosity_error()
+    transformers.set_seed(0)
+    names = load_benchmark("biased_digits")["train"].features["label"].names
+    model, processor = load_model("digits-clip", 2, names)
+    result = _step_ratio(model, processor, batch_size, repeats, teacher_dtype)
+    return {"model": "digits-clip (CLIP ViT, 32x32, 8x8 patches, width 64, 4 blocks)", **result}
+
+
+def real_size_step_ratio(repeats: int = 5, batch_size: int = 32, teacher_dtype: str | None = None) -> dict:
+    """The step ratio on the paper's architecture: a CLIP ViT-B/32 image tower (224x224, 12 blocks of width 768,
+    projection 512) with a 2-class zero-shot head, randomly initialised (no download; the cost does not depend
+    on the weights), the biased_digits images resized to 224."""
+    import transformers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    from hf_robust.clip import CLIPZeroShotClassifier, CLIPZeroShotConfig
+
+    transformers.logging.set_verbosity_error()
+    transformers.set_seed(0)
+    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32)
+    model = CLIPZeroShotClassifier(CLIPZeroShotConfig(vision_config=vision.to_dict(), projection_dim=512, num_labels=2))
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    result = _step_ratio(model, processor, batch_size, repeats, teacher_dtype)
+    return {"model": "CLIP ViT-B/32 image tower (224x224, 12 x 768), random init", **result}
+
+
+def step_timing() -> dict:
+    """The step ratio on the demo's model, and on the paper's model size with the teacher in float32 and in
+    bfloat16 (`teacher_dtype`)."""
+    timing = step_ratio()
+    timing["real_size"] = [real_size_step_ratio(teacher_dtype=dtype) for dtype in (None, "bfloat16")]
+    return timing
 
 
 def benchmark_counterfactual(seeds: list[int], quality) -> dict:
     """`quality`: scripts/benchmark.py's quality(method, seeds) (the main job per seed)."""
     result = quality("counterfactual", seeds, collect=("train_runtime_seconds", "counterfactual"))
     result["counterfactual"] = quality_summary(result["runs"])
-    timing = step_ratio()
+    timing = step_timing()
     # end to end: the two training stages of each run (same data, epochs and batches; data loading included)
     stages = [run.get("train_runtime_seconds", {}) for run in result["runs"]]
     ratios = [s["distill"] / s["vanilla"] for s in stages if s.get("vanilla") and s.get("distill")]

@@ -158,6 +158,15 @@ def benchmark_masktune(seeds: list[int]) -> dict:
     return bench_masktune.benchmark_masktune(seeds, quality)
 
 
+def timing_counterfactual() -> dict:
+    import bench_counterfactual
+
+    return bench_counterfactual.step_timing()
+
+
+# methods whose speed measurements can be re-run alone (`--timing_only`), keeping the quality results on file
+TIMINGS = {"counterfactual": timing_counterfactual}
+
 BENCHMARKS = {"erm": benchmark_erm, "masktune": benchmark_masktune, "gradtune": benchmark_gradtune,
               "dfr": benchmark_dfr, "fairdropout": benchmark_fairdropout, "counterfactual": benchmark_counterfactual}
 
@@ -167,6 +176,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(BENCHMARKS), help=f"comma-separated, from {list(BENCHMARKS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--timing_only", action="store_true",
+                        help=f"re-measure only the speed ratios (methods {list(TIMINGS)}), keep the quality results")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -181,6 +192,15 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     for method in args.methods.split(","):
+        if args.timing_only:
+            if method not in TIMINGS:
+                sys.exit(f"error: --timing_only: no separate timing for {method!r}; available: {list(TIMINGS)}.")
+            print(f"== timing {method}", flush=True)
+            entry = results.setdefault("methods", {}).setdefault(method, {})
+            entry["timing"] = {**entry.get("timing", {}), **TIMINGS[method]()}
+            entry["timing_measured_at"] = time.strftime("%Y-%m-%d %H:%M")
+            path.write_text(json.dumps(results, indent=2))
+            continue
         print(f"== benchmarking {method} (seeds {seeds})", flush=True)
         start = time.perf_counter()
         results.setdefault("methods", {})[method] = BENCHMARKS[method](seeds)

@@ -264,6 +264,37 @@ def test_loss_equals_ce_plus_beta_mse_computed_independently(tmp_path, clip_data
     assert trainer._metrics["distill_loss"][0].item() == pytest.approx(mse.item(), rel=1e-5)
 
 
+def test_teacher_runs_in_its_own_dtype_with_sdpa_and_the_loss_compares_in_float32(tmp_path, clip_data):
+    model, processor = tiny_clip_classifier(seed=0)
+    reference = copy.deepcopy(model).to(torch.bfloat16).eval()
+    reference.set_attn_implementation("sdpa")
+    trainer = make_trainer(tmp_path, clip_data, model, processor, teacher_dtype="bfloat16")
+    teacher = trainer.teacher
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    # the student keeps eager attention for its attention maps; the teacher needs none and runs SDPA
+    assert model.config._attn_implementation == "eager" and teacher.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer._generator = lambda: torch.Generator().manual_seed(11)
+    batch = trainer._prepare_inputs(trainer.train_collator([clip_data["train"][i] for i in range(16)]))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    x, y = batch["pixel_values"], batch["labels"]
+    with torch.no_grad():
+        ce = F.cross_entropy(model(pixel_values=x).logits, y)
+    cam, _ = gradient_weighted_rollout(model, {"pixel_values": x}, y)
+    x_cf, _, _ = make_counterfactuals(x, "object", "single", cam=cam, threshold=0.3, grid=(4, 4),
+                                      generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        f_teacher = reference.image_embeds(x_cf.to(torch.bfloat16)).float()
+        mse = ((model.image_embeds(x_cf) - f_teacher) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), ce + 30.0 * mse, rtol=1e-5, atol=1e-6)
+    loss.backward()  # the teacher's embedding is an ordinary tensor the loss may keep for its backward
+    assert all(p.grad is None for p in teacher.parameters())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, clip_data):
     """One run: zero-shot -> vanilla -> distill -> WiSE-FT on a tiny CLIP (module-scoped: trained once)."""
@@ -396,7 +427,8 @@ def test_non_image_data_and_non_classifiers_are_refused(tmp_path, text_data, tok
 
 
 @pytest.mark.parametrize("bad", [dict(mask_strategy="patch"), dict(refill_strategy="all"), dict(cam_threshold=1.5),
-                                 dict(donor_pool="nearby"), dict(distill_weight=-1.0), dict(wise_ft_alphas=[2.0])])
+                                 dict(donor_pool="nearby"), dict(distill_weight=-1.0), dict(wise_ft_alphas=[2.0]),
+                                 dict(teacher_dtype="int8")])
 def test_bad_settings_are_refused(tmp_path, bad):
     with pytest.raises(ValueError):
         config(tmp_path, **bad)

@@ -116,7 +116,17 @@ class CounterfactualDistillTrainer(RobustTrainer):
             teacher = copy.deepcopy(student)
         teacher = unwrap_model(maybe_wrap_timm(teacher))
         teacher.requires_grad_(False)
-        return teacher.to(self.args.device).eval()
+        _fastest_attention(teacher)
+        dtype = getattr(torch, self.args.teacher_dtype) if self.args.teacher_dtype else None
+        return teacher.to(device=self.args.device, dtype=dtype).eval()
+
+    def teacher_embedding(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The teacher's image embedding (B, D) of `pixel_values`, in float32, outside any autograd graph (run in
+        inference mode, in the teacher's dtype)."""
+        dtype = next(self.teacher_adapter.model.parameters()).dtype
+        with torch.inference_mode():
+            embedding = self.teacher_adapter.image_embedding({"pixel_values": pixel_values.to(dtype)}).float()
+        return embedding.clone()  # a normal tensor: the loss may save it for its backward
 
     def _check_teacher(self, student, teacher) -> None:
         """One training image through both: the teacher must read it and embed it in the student's space."""
@@ -125,7 +135,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
         with torch.no_grad(), self.eval_mode(student):
             f_student = self.adapter.image_embedding(inputs)
             try:
-                f_teacher = self.teacher_adapter.image_embedding(inputs)
+                f_teacher = self.teacher_embedding(inputs["pixel_values"])
             except Exception as error:
                 raise TeacherMismatchError(
                     f"The teacher {type(teacher).__name__} cannot read the student's inputs (pixel_values of shape "
@@ -311,9 +321,8 @@ class CounterfactualDistillTrainer(RobustTrainer):
             )
         # through the unwrapped student: DDP sees one forward per step, the backward reduces both
         f_student = self.adapter.image_embedding({"pixel_values": counterfactual})
-        with torch.no_grad():
-            f_teacher = self.teacher_adapter.image_embedding({"pixel_values": counterfactual})
-        distill = F.mse_loss(f_student.float(), f_teacher.float())
+        f_teacher = self.teacher_embedding(counterfactual)
+        distill = F.mse_loss(f_student.float(), f_teacher)
         loss = ce + args.distill_weight * distill
 
         self._metrics["ce_loss"].append(ce.detach())
@@ -380,6 +389,18 @@ class CounterfactualDistillTrainer(RobustTrainer):
         titles = [names[g] if names and g >= 0 else str(g) for g in groups[chosen].tolist()]
         return plot_counterfactual_grid(_to_uint8(pixels, preprocessing), cam.cpu(), counterfactuals, titles, path,
                                         threshold=self.args.cam_threshold)
+
+
+def _fastest_attention(model) -> None:
+    """A transformers model that runs eager attention (the student's, copied with it) switches to SDPA where it
+    supports it: the teacher returns no attention maps. Anything else is left as it is."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "eager" or not hasattr(model, "set_attn_implementation"):
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except (ValueError, ImportError, NotImplementedError) as error:
+        logger.info("The teacher keeps eager attention (%s).", error)
 
 
 def _to_uint8(pixel_values: torch.Tensor, preprocessing) -> torch.Tensor:
