@@ -242,8 +242,15 @@ def test_finetune_keeps_erm_norm_statistics(mt_run, tmp_path, small_digits, free
         trainer = mt_run
     else:
         trainer = mt_trainer(tmp_path, small_digits, finetune_learning_rate=3e-4, mask_threshold_std=1.0,
-                             finetune_freeze_norm_statistics=False)
+                             finetune_freeze_norm_statistics=False, finetune_batch_size=16)
         trainer.train()
+        # the fine-tuning's own batch size (16) for exactly one epoch; ERM kept its 32 and the trainer gets it back
+        n = len(small_digits["train"])
+        steps = {stage: max(e["step"] for e in trainer.stage_log_history[stage] if "learning_rate" in e)
+                 for stage in ("erm", "finetune_1")}
+        assert steps["finetune_1"] == int(np.ceil(n / 16))
+        assert steps["erm"] == int(np.ceil(n / 32)) * trainer.args.num_train_epochs
+        assert trainer._train_batch_size == 32
     model = trainer.accelerator.unwrap_model(trainer.model)
     means, variances, weights = _bn_state(model)
     same_stats = all(torch.equal(a, b) for a, b in zip(means + variances, erm_means + erm_vars))

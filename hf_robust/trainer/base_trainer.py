@@ -527,8 +527,10 @@ class RobustTrainer(Trainer):
         overrides = {"output_dir": str(stage_dir), **arg_overrides}
         saved_args = {k: getattr(self.args, k) for k in overrides}
         saved_dataset = self.train_dataset
+        saved_batch_size = self._train_batch_size
         for key, value in overrides.items():
             setattr(self.args, key, value)
+        self._train_batch_size = self.args.train_batch_size  # Trainer reads its own copy, set in __init__
         if train_dataset is not None:
             self.train_dataset = train_dataset
         self.optimizer, self.lr_scheduler = None, None
@@ -538,6 +540,7 @@ class RobustTrainer(Trainer):
         finally:
             for key, value in saved_args.items():
                 setattr(self.args, key, value)
+            self._train_batch_size = saved_batch_size
             self.train_dataset = saved_dataset
         self.stage_log_history[stage_dir.name] = list(self.state.log_history)
         return self._train_output

@@ -31,6 +31,8 @@ class MaskTuneConfig(RobustConfig):
         finetune_learning_rate (`float` or `None`, *optional*):
             Learning rate of the one-epoch fine-tuning on the masked set (constant). Default: the ERM stage's
             final learning rate; if ERM's schedule ends at 0 (linear/cosine), a tenth of `learning_rate`.
+        finetune_batch_size (`int` or `None`, *optional*):
+            Per-device batch size of the fine-tuning epoch. Default: `per_device_train_batch_size`.
         finetune_freeze_norm_statistics (`bool`, *optional*, defaults to `True`):
             Keep BatchNorm layers in evaluation mode during the fine-tuning: they normalise with the ERM model's
             running statistics and keep them (their affine weights still train). One epoch on masked images
@@ -55,6 +57,9 @@ class MaskTuneConfig(RobustConfig):
     finetune_learning_rate: float | None = field(
         default=None, metadata={"help": "LR of the masked fine-tuning (default: ERM's final LR)."}
     )
+    finetune_batch_size: int | None = field(
+        default=None, metadata={"help": "Per-device batch size of the fine-tuning (default: per_device_train_batch_size)."}
+    )
     finetune_freeze_norm_statistics: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics of the ERM model during fine-tuning."}
     )
@@ -70,6 +75,8 @@ class MaskTuneConfig(RobustConfig):
         super().__post_init__()
         if self.masktune_iterations < 1:
             raise ValueError(f"masktune_iterations={self.masktune_iterations}: expected 1 or more.")
+        if self.finetune_batch_size is not None and self.finetune_batch_size < 1:
+            raise ValueError(f"finetune_batch_size={self.finetune_batch_size}: expected a positive batch size.")
         if self.mask_threshold_std < 0:
             raise ValueError(f"mask_threshold_std={self.mask_threshold_std}: expected a value >= 0.")
         if any(not 0 < c <= 1 for c in self.selective_coverages):

@@ -189,6 +189,7 @@ class MaskTuneTrainer(RobustTrainer):
                 self.train_stage(
                     stage_dir, resume, num_train_epochs=1, max_steps=-1, learning_rate=self.finetune_learning_rate,
                     lr_scheduler_type="constant", warmup_steps=0,
+                    per_device_train_batch_size=self.args.finetune_batch_size or self.args.per_device_train_batch_size,
                 )
         finally:
             self.train_collator = plain
