@@ -236,20 +236,16 @@ def make_trainer(tmp, data, model=None, processor=None, **kwargs):
     )
 
 
-@pytest.mark.parametrize("mask,fill", [("object", "single"), ("context", "multi"), ("random", "none")])
-def test_loss_equals_ce_plus_beta_mse_computed_independently(tmp_path, clip_data, mask, fill):
-    model, processor = tiny_clip_classifier(seed=0)
-    teacher = copy.deepcopy(model).eval()  # the zero-shot model, kept apart from the trainer
-    trainer = make_trainer(tmp_path, clip_data, model, processor, mask_strategy=mask, refill_strategy=fill,
-                           distill_weight=30.0)
-    with torch.no_grad():  # a student that has moved away from its teacher
+def _step_and_reference(trainer, model, data, mask, fill, teacher_embeds):
+    """(the trainer's loss for 16 training examples, CE and MSE computed independently with `teacher_embeds`),
+    after moving the student away from its teacher."""
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     trainer._generator = lambda: torch.Generator().manual_seed(11)
-    batch = trainer._prepare_inputs(trainer.train_collator([clip_data["train"][i] for i in range(16)]))
+    batch = trainer._prepare_inputs(trainer.train_collator([data["train"][i] for i in range(16)]))
     model.train()
     loss = trainer.compute_loss(model, batch)
-
     x, y = batch["pixel_values"], batch["labels"]
     with torch.no_grad():
         ce = F.cross_entropy(model(pixel_values=x).logits, y)
@@ -257,7 +253,17 @@ def test_loss_equals_ce_plus_beta_mse_computed_independently(tmp_path, clip_data
     x_cf, _, _ = make_counterfactuals(x, mask, fill, cam=cam, threshold=0.3, probability=0.5, grid=(4, 4),
                                       generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        mse = ((model.image_embeds(x_cf) - teacher.image_embeds(x_cf)) ** 2).mean()
+        mse = ((model.image_embeds(x_cf) - teacher_embeds(x_cf)) ** 2).mean()
+    return loss, ce, mse
+
+
+@pytest.mark.parametrize("mask,fill", [("object", "single"), ("context", "multi"), ("random", "none")])
+def test_loss_equals_ce_plus_beta_mse_computed_independently(tmp_path, clip_data, mask, fill):
+    model, processor = tiny_clip_classifier(seed=0)
+    teacher = copy.deepcopy(model).eval()  # the zero-shot model, kept apart from the trainer
+    trainer = make_trainer(tmp_path, clip_data, model, processor, mask_strategy=mask, refill_strategy=fill,
+                           distill_weight=30.0)
+    loss, ce, mse = _step_and_reference(trainer, model, clip_data, mask, fill, teacher.image_embeds)
     assert mse > 1e-4
     torch.testing.assert_close(loss.detach(), ce + 30.0 * mse, rtol=1e-5, atol=1e-6)
     assert trainer._metrics["ce_loss"][0].item() == pytest.approx(ce.item(), rel=1e-6)
@@ -274,22 +280,9 @@ def test_teacher_runs_in_its_own_dtype_with_sdpa_and_the_loss_compares_in_float3
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     # the student keeps eager attention for its attention maps; the teacher needs none and runs SDPA
     assert model.config._attn_implementation == "eager" and teacher.config._attn_implementation == "sdpa"
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    trainer._generator = lambda: torch.Generator().manual_seed(11)
-    batch = trainer._prepare_inputs(trainer.train_collator([clip_data["train"][i] for i in range(16)]))
-    model.train()
-    loss = trainer.compute_loss(model, batch)
-    x, y = batch["pixel_values"], batch["labels"]
-    with torch.no_grad():
-        ce = F.cross_entropy(model(pixel_values=x).logits, y)
-    cam, _ = gradient_weighted_rollout(model, {"pixel_values": x}, y)
-    x_cf, _, _ = make_counterfactuals(x, "object", "single", cam=cam, threshold=0.3, grid=(4, 4),
-                                      generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        f_teacher = reference.image_embeds(x_cf.to(torch.bfloat16)).float()
-        mse = ((model.image_embeds(x_cf) - f_teacher) ** 2).mean()
+    loss, ce, mse = _step_and_reference(trainer, model, clip_data, "object", "single",
+                                        lambda x: reference.image_embeds(x.to(torch.bfloat16)).float())
+    assert mse > 1e-4
     torch.testing.assert_close(loss.detach(), ce + 30.0 * mse, rtol=1e-5, atol=1e-6)
     loss.backward()  # the teacher's embedding is an ordinary tensor the loss may keep for its backward
     assert all(p.grad is None for p in teacher.parameters())
