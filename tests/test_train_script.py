@@ -51,7 +51,8 @@ def test_erm_main_job_writes_a_complete_run(tmp_path, train_script, digits, caps
 def test_no_argument_default_is_erm_then_masktune(tmp_path, train_script, digits, capsys):
     script_args, args = train_script.parse_args([])
     assert script_args.method == "masktune" and script_args.dataset == "biased_digits"
-    assert script_args.model == "digits-resnet18-64" and args.finetune_learning_rate == 3e-4
+    assert script_args.model == "digits-resnet18-64" and args.finetune_learning_rate == 1e-3
+    assert args.finetune_batch_size == 32 and args.per_device_train_batch_size == 128
     assert args.output_dir == "runs/biased_digits-masktune"
     results = train_script.main(quick(tmp_path, "--max_train_samples", "128"))
     assert results["method"] == "MaskTune" and set(results["stages"]) == {"ERM"}
