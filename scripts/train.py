@@ -152,6 +152,10 @@ def parse_args(argv: list[str] | None = None):
     defaults = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(dataset, {}), **METHOD_DEFAULTS.get(method, {}),
                 **METHOD_DEFAULTS.get((method, dataset), {})}
     defaults["output_dir"] = os.path.join("runs", f"{os.path.basename(os.path.normpath(dataset))}-{method}")
+    if not _has_accelerator():
+        # without use_cpu, TrainingArguments on a machine with no GPU sets every process up alone: N processes of
+        # `accelerate launch --multi_gpu` would each train on all the data, never forming a (gloo) process group
+        defaults["use_cpu"] = True
     defaults.update(file_values)
     defaults["method"] = method
     known_flags = {action.dest for action in parser._actions}
@@ -161,6 +165,14 @@ def parse_args(argv: list[str] | None = None):
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in known_flags})
     script_args, config = parser.parse_args_into_dataclasses(args=argv)
     return script_args, config
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def _use_the_cores_of_a_single_cpu_process() -> None:

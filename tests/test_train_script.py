@@ -2,13 +2,14 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import LAUNCH_TWO_PROCESSES, REPO
 
 SCRIPT = REPO / "scripts" / "train.py"
 
@@ -28,6 +29,21 @@ def quick(tmp_path, *extra):
         "--per_device_train_batch_size", "64", "--output_dir", str(tmp_path / "run"), "--use_cpu",
         "--disable_tqdm", "true", *extra,
     ]
+
+
+def test_main_job_under_two_processes_on_cpu_forms_one_group(tmp_path, train_script):
+    """`accelerate launch --multi_gpu --num_processes 2 scripts/train.py` with no --use_cpu on a machine without a
+    GPU: the two processes train together (one gloo group, each on half the batches), not twice alone."""
+    args = [a for a in quick(tmp_path, "--method", "erm", "--save_strategy", "no") if a != "--use_cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(LAUNCH_TWO_PROCESSES + [str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["num_processes"] == 2
+    assert "process group is initialized, but parallel_mode" not in result.stdout + result.stderr
+    _, config = train_script.parse_args(["--method", "erm"])
+    assert config.use_cpu == (not train_script._has_accelerator())
 
 
 def test_erm_main_job_writes_a_complete_run(tmp_path, train_script, digits, capsys):

@@ -345,6 +345,7 @@ class RobustTrainer(Trainer):
             "model": self.model_name_or_path,
             "dataset": self.dataset_name,
             "seed": self.args.seed,
+            "num_processes": self.args.world_size,
             "splits": self.eval_results,
             "stages": self.stage_results,
             "finished_stages": self.finished_stages,
