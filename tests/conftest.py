@@ -143,6 +143,20 @@ LAUNCH_TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--m
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def shared_erm_checkpoint(erm_dir: str, family: str, data, common: dict) -> None:
+    """The ERM checkpoint that the one- and two-process runs of a tests/scripts/*_distributed.py script start
+    from: trained (1 epoch, batch 32, lr 1e-3) and saved by the first, one-process run; the second finds it."""
+    if Path(erm_dir).is_dir():
+        return
+    from hf_robust.trainer import RobustConfig, RobustTrainer
+
+    model, processor = make_model(family, seed=0)
+    config = RobustConfig(output_dir=erm_dir + "_run", num_train_epochs=1, per_device_train_batch_size=32,
+                          learning_rate=1e-3, **common)
+    RobustTrainer(model, config, train_dataset=data["train"], processing_class=processor).train()
+    model.save_pretrained(erm_dir)
+
+
 def one_and_two_process_runs(script: Path, tmp: Path, *extra: str) -> tuple[dict, dict]:
     """Run `script <out.json> <work dir> *extra` as one process, then as two under `accelerate launch --multi_gpu`
     (CPU, gloo; `--cpu --num_processes 2` would silently run one); return both JSON outputs."""

@@ -568,13 +568,18 @@ class RobustTrainer(Trainer):
         save it and evaluate it as the "ERM" baseline of the report (kept across a resume)."""
         return Stage("erm", self._run_erm_baseline, self._load_erm_baseline)
 
-    def _run_erm_baseline(self, stage_dir: Path, resume: bool) -> None:
+    def train_or_load_checkpoint(self, stage_dir: Path, resume: bool, load=None) -> None:
+        """Train the stage, or load the config's `erm_checkpoint` (with `load`, default
+        `load_checkpoint_weights`) instead; then save the model as the stage's state."""
         checkpoint = getattr(self.args, "erm_checkpoint", None)
         if checkpoint:
-            self.load_checkpoint_weights(Path(checkpoint))
+            (load or self.load_checkpoint_weights)(Path(checkpoint))
         else:
             self.train_stage(stage_dir, resume)
         self.save_model_state(stage_dir)
+
+    def _run_erm_baseline(self, stage_dir: Path, resume: bool) -> None:
+        self.train_or_load_checkpoint(stage_dir, resume)
         self.evaluate_stage("ERM", stage_dir)
 
     def _load_erm_baseline(self, stage_dir: Path) -> None:

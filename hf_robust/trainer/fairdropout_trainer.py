@@ -94,12 +94,7 @@ class FairDropoutTrainer(RobustTrainer):
         return [Stage("fairdropout", self._run_fairdropout, self._load_fairdropout)]
 
     def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
-        checkpoint = getattr(self.args, "erm_checkpoint", None)
-        if checkpoint:
-            self._load_fairdropout_checkpoint(Path(checkpoint))
-        else:
-            self.train_stage(stage_dir, resume)
-        self.save_model_state(stage_dir)
+        self.train_or_load_checkpoint(stage_dir, resume, load=self._load_fairdropout_checkpoint)
         if self.is_world_process_zero():
             self.fair_dropout_config.save_pretrained(stage_dir)
         self.accelerator.wait_for_everyone()

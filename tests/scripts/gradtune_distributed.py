@@ -5,16 +5,15 @@ fine-tuned head to argv[1] (main process)."""
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 from datasets import DatasetDict
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest.make_model
-from conftest import make_model  # noqa: E402
+from conftest import make_model, shared_erm_checkpoint  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
-from hf_robust.trainer import GradTuneConfig, GradTuneTrainer, RobustConfig, RobustTrainer  # noqa: E402
+from hf_robust.trainer import GradTuneConfig, GradTuneTrainer  # noqa: E402
 
 
 def main(out_path: str, work_dir: str, erm_dir: str) -> None:
@@ -27,13 +26,7 @@ def main(out_path: str, work_dir: str, erm_dir: str) -> None:
     )
     common = dict(use_cpu=True, report_to="none", disable_tqdm=True, seed=0, save_strategy="no",
                   per_device_eval_batch_size=8, logging_steps=100)
-    if not Path(erm_dir).is_dir():  # the one-process run trains the shared ERM checkpoint
-        model, processor = make_model("hf_vit", seed=0)
-        erm = RobustTrainer(model, RobustConfig(output_dir=erm_dir + "_run", num_train_epochs=1,
-                                                per_device_train_batch_size=32, learning_rate=1e-3, **common),
-                            train_dataset=data["train"], processing_class=processor)
-        erm.train()
-        model.save_pretrained(erm_dir)
+    shared_erm_checkpoint(erm_dir, "hf_vit", data, common)
     model, processor = make_model("hf_vit", seed=1)  # other weights: everything must come from the checkpoint
     args = GradTuneConfig(output_dir=work_dir, erm_checkpoint=erm_dir, finetune_set_size=40, last_layer_epochs=50,
                           **common)
