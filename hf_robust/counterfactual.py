@@ -108,24 +108,31 @@ def make_counterfactuals(
     generator: torch.Generator | None = None,
     pool: torch.Tensor | None = None,
     offset: int = 0,
+    pool_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(counterfactual images, patch mask (B, h, w), donors (B, h, w) pool indices or None).
 
     `pool` (N, C, H, W) holds `pixel_values` at rows `offset .. offset+B` (default: the batch itself). Random
     draws are made for the whole pool and the batch's rows taken, so every process of a distributed run
-    draws the same numbers."""
+    draws the same numbers. Without refilling no pixels of the pool are needed: `pool_size=N` (and `offset`)
+    place the batch in it for the random masks."""
     batch = pixel_values.shape[0]
+    if pool is None and pool_size is not None and refill_strategy != "none":
+        raise ValueError(f"refill_strategy={refill_strategy!r} needs the donor images: pass pool=, not pool_size=.")
     pool = pixel_values if pool is None else pool
+    rows_total = pool_size if pool_size is not None else pool.shape[0]
+    if offset < 0 or offset + batch > rows_total:
+        raise ValueError(f"The batch's rows {offset}..{offset + batch} are not inside the pool of {rows_total}.")
     if grid is None:
         if cam is None:
             raise ValueError("make_counterfactuals needs grid=(h, w) when there is no CAM.")
         grid = tuple(cam.shape[-2:])
     rows = slice(offset, offset + batch)
     if mask_strategy == "random":
-        mask = patch_masks("random", grid=grid, batch_size=pool.shape[0], probability=probability, generator=generator)[rows]
+        mask = patch_masks("random", grid=grid, batch_size=rows_total, probability=probability, generator=generator)[rows]
     else:
         mask = patch_masks(mask_strategy, cam=cam, threshold=threshold)
-    donors = draw_donors(refill_strategy, pool.shape[0], grid, generator)
+    donors = draw_donors(refill_strategy, rows_total, grid, generator)
     if donors is not None:
         donors = donors[rows]
     mask = mask.to(pixel_values.device)

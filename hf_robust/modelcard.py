@@ -43,6 +43,13 @@ def build_model_card(
 
     from . import __version__
 
+    from .models import PRESETS
+
+    # a local folder or a dataset generated here is named by its folder name and linked nowhere
+    local_dataset = Path(dataset_name).exists()
+    dataset_name = Path(dataset_name).name if local_dataset else dataset_name
+    # a Hub link only for what can be on the Hub: not a local folder, not a preset built by hf_robust
+    hub_base_model = base_model if base_model and base_model not in PRESETS and not Path(base_model).exists() else None
     splits = results.get("splits", {})
     eval_results = []
     for split, report in splits.items():
@@ -63,8 +70,8 @@ def build_model_card(
             )
     card_data = ModelCardData(
         model_name=model_name,
-        base_model=base_model if base_model and not Path(base_model).exists() else None,
-        datasets=[dataset_name] if "/" in dataset_name else None,
+        base_model=hub_base_model,
+        datasets=[dataset_name] if "/" in dataset_name and not local_dataset else None,
         library_name="transformers",
         tags=tags,
         eval_results=eval_results or None,
@@ -81,7 +88,7 @@ def build_model_card(
         template_path=model_card_template(),
         model_name=model_name,
         base_model=base_model,
-        base_model_url=f"https://huggingface.co/{base_model}" if base_model else None,
+        base_model_url=f"https://huggingface.co/{hub_base_model}" if hub_base_model else None,
         dataset_name=dataset_name,
         method_name=method_name,
         method_summary=method_summary,

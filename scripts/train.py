@@ -99,6 +99,10 @@ class ScriptArguments:
     dataset: str = field(default="biased_digits", metadata={"help": "Benchmark name or local dataset path."})
     dataset_path: str | None = field(default=None, metadata={"help": "Local copy of a Hub benchmark (same layout)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of generated benchmarks and derived splits."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a local dataset."})
+    attribute_column: str = field(
+        default="attribute", metadata={"help": "Spurious-attribute column of a local dataset (absent: no groups)."}
+    )
     model: str | None = field(default=None, metadata={"help": "Preset, transformers id/folder or timm name."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_splits: str | None = field(
@@ -163,7 +167,12 @@ def parse_args(argv: list[str] | None = None):
     if unknown and known.config:
         sys.exit(f"error: --config {known.config}: unknown keys {unknown} for --method {method}.")
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in known_flags})
-    script_args, config = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        script_args, config = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # a config's own checks (e.g. p_gen out of range)
+        sys.exit(f"error: {error}")
+    if isinstance(script_args.eval_splits, (list, tuple)):  # a YAML list
+        script_args.eval_splits = ",".join(map(str, script_args.eval_splits))
     return script_args, config
 
 
@@ -199,12 +208,18 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_robust.data.core import DataValidationError, input_kind, label_names
     from hf_robust.models import load_model
     from hf_robust.reporting import format_group_table
-    from hf_robust.trainer.base_trainer import HubPushError
+    from hf_robust.data.benchmarks import BENCHMARKS as BENCHMARK_NAMES
+    from hf_robust.models import PRESETS
+    from hf_robust.trainer.base_trainer import HubPushError, RunSetupError
 
     transformers.logging.set_verbosity_warning()
     trainer_class = _load(METHODS[script_args.method][1])
     try:
-        data = load_benchmark(script_args.dataset, path=script_args.dataset_path, seed=script_args.dataset_seed)
+        if os.path.exists(script_args.dataset) and script_args.dataset not in BENCHMARK_NAMES:
+            data = load_benchmark(script_args.dataset, label_column=script_args.label_column,
+                                  attribute_column=script_args.attribute_column)
+        else:
+            data = load_benchmark(script_args.dataset, path=script_args.dataset_path, seed=script_args.dataset_seed)
     except DataValidationError as error:
         sys.exit(f"error: {error}")
     if script_args.train_split not in data:
@@ -228,7 +243,15 @@ def main(argv: list[str] | None = None) -> dict:
     names = label_names(train)
     model_name = script_args.model or ("digits-resnet18" if kind == "image" else "minilm")
     transformers.set_seed(config.seed)  # before the model is built: its random init is part of the run
-    model, processor = load_model(model_name, len(names), names, input_kind="image" if kind == "image" else "text")
+    try:
+        model, processor = load_model(model_name, len(names), names, input_kind="image" if kind == "image" else "text")
+    except (OSError, ValueError) as error:
+        sys.exit(
+            f"error: --model {model_name!r} could not be loaded ({type(error).__name__}: {' '.join(str(error).split())}) "
+            "Expected a preset "
+            f"({', '.join(sorted(PRESETS))}), a local model folder, a timm model name, or a Hub id that is cached "
+            "(this machine may be offline)."
+        )
     try:
         trainer = trainer_class(
             model=model,
@@ -239,12 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
             dataset_name=script_args.dataset,
             model_name_or_path=model_name,
         )
-    except (DataValidationError, ValueError) as error:
+    except (DataValidationError, ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     resume = config.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
         resume = True
-    trainer.train(resume_from_checkpoint=resume or None)
+    try:
+        trainer.train(resume_from_checkpoint=resume or None)
+    except RunSetupError as error:  # raised before any training: a resume or checkpoint that does not fit
+        sys.exit(f"error: {error}")
     trainer.evaluate()
     trainer.save_model()
     results = trainer.results()

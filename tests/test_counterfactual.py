@@ -498,6 +498,9 @@ def test_two_processes_land_within_tolerance_of_one(distributed_runs):
     one, two = distributed_runs
     assert len(one["losses"]) == len(two["losses"]) == 8
     np.testing.assert_allclose(two["masked_fractions"], one["masked_fractions"], atol=1e-6)
+    # random masks without refill are drawn for the global batch too (each process used to draw its rows alone)
+    assert np.asarray(one["random_none_masks"]).shape[0] == 8
+    assert two["random_none_masks"] == one["random_none_masks"]
     for key in ("losses", "ce_losses", "distill_losses"):
         np.testing.assert_allclose(two[key], one[key], atol=1e-3, rtol=1e-3)
     np.testing.assert_allclose(np.asarray(two["params"]), np.asarray(one["params"]), atol=1e-3)

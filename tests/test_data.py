@@ -264,3 +264,28 @@ def test_local_dataset_path(tmp_path):
     data.save_to_disk(str(tmp_path / "mine"))
     ds = load_benchmark(str(tmp_path / "mine"))
     assert ds["train"]["group"] == [1, 2]
+
+
+def test_local_dataset_with_its_own_column_names_and_string_classes(tmp_path):
+    data = DatasetDict({
+        "train": Dataset.from_dict({"text": ["a", "b", "c"], "species": ["land", "water", "water"],
+                                    "place": [1, 0, 1]}),
+        "test": Dataset.from_dict({"text": ["d", "e"], "species": ["water", "land"], "place": [0, 0]}),
+    })
+    data.save_to_disk(str(tmp_path / "birds"))
+    with pytest.raises(DataValidationError, match=r"label_column='label' is not a column of split 'train' .*species"):
+        load_benchmark(str(tmp_path / "birds"))
+    ds = load_benchmark(str(tmp_path / "birds"), label_column="species", attribute_column="place")
+    # string classes: one index per name, the same in every split (sorted: land=0, water=1)
+    assert ds["train"]["label"] == [0, 1, 1] and ds["test"]["label"] == [1, 0]
+    assert ds["train"].features["group"].names == ["land,attribute_0", "land,attribute_1",
+                                                    "water,attribute_0", "water,attribute_1"]
+    assert ds["test"]["group"] == [2, 0]
+
+
+def test_local_dataset_paths_that_cannot_work_are_clear(tmp_path):
+    Dataset.from_dict({"text": ["a"], "label": [0]}).save_to_disk(str(tmp_path / "one_split"))
+    with pytest.raises(DataValidationError, match="holds a single Dataset"):
+        load_benchmark(str(tmp_path / "one_split"))
+    with pytest.raises(DataValidationError, match="no such file or directory"):
+        load_benchmark(str(tmp_path / "nowhere"))

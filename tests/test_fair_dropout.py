@@ -452,7 +452,7 @@ def test_masks_follow_example_idx_and_survive_a_resume(tmp_path, small_digits, m
     again = fair_dropout_trainer(tmp_path / "cut", data, **kwargs)
     again.train(resume_from_checkpoint=True)
     assert again.skipped_stages == ["fairdropout"]
-    with pytest.raises(ValueError, match="resume with the same settings"):
+    with pytest.raises(ValueError, match="computed with p_mem=0.5, but this run has p_mem=0.3"):
         fair_dropout_trainer(tmp_path / "cut", data, **{**kwargs, "p_mem": 0.3}).train(resume_from_checkpoint=True)
 
 
@@ -474,6 +474,8 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
     from transformers import AutoModelForImageClassification
 
     stock = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
+    # the card's "how to use" loads that stock export (a plain from_pretrained of the folder has every neuron on)
+    assert f'from_pretrained("{tmp_path.name}", subfolder="exported")' in (tmp_path / "README.md").read_text()
     batch = trainer.eval_collator([small_digits["validation"][i] for i in range(16)])
     model = trainer.model.eval()
     with torch.no_grad():
@@ -483,6 +485,13 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
         fair_dropout_trainer(tmp_path / "other", small_digits, trainer_class=FairDropoutDFRTrainer,
                              config_class=FairDropoutDFRConfig, fair_dropout_positions=["dp5"],
                              erm_checkpoint=str(fairdropout_dir)).train()
+    # plain DFR would load its weights without the FairDropout layers (every memorising neuron on): refused
+    from hf_robust.trainer import DFRConfig, DFRTrainer
+
+    with pytest.raises(ValueError, match="is a FairDropout model .*Pass its stock export"):
+        model, processor = make_model("timm_wrapper_resnet")
+        DFRTrainer(model, quick_config(DFRConfig, tmp_path / "dfr", erm_checkpoint=str(fairdropout_dir)),
+                   eval_dataset={"validation": small_digits["validation"]}, processing_class=processor).train()
 
 
 def test_trainer_refuses_bad_inputs_before_training(tmp_path, small_digits):

@@ -109,6 +109,9 @@ def test_selection_size_topk_and_seed():
     for seed in range(5):  # zero norms come after every positive one
         assert select_by_gradient_norm(zeros, size=2, top_k=1, seed=seed).tolist() == [2, 3]
         assert {2, 3} < set(select_by_gradient_norm(zeros, size=3, top_k=1, seed=seed).tolist())
+    # ... and among themselves in seeded random order (not by position)
+    picks = {select_by_gradient_norm(torch.zeros(8), size=1, top_k=0, seed=seed).item() for seed in range(20)}
+    assert len(picks) >= 4
 
 
 def test_selection_is_proportional_to_the_norm():
@@ -410,13 +413,20 @@ def test_dfr_group_and_class_balanced_subsets(tmp_path, small_digits):
     assert not torch.equal(subsets["group"][0], subsets["class"][0])
 
 
-def test_bad_inputs_are_refused_before_training(tmp_path, small_digits):
+def test_bad_inputs_are_refused_before_training(tmp_path, small_digits, monkeypatch):
     model = make_model("timm_wrapper_resnet")[0]
+    monkeypatch.chdir(tmp_path)  # args=None: the Trainer's default output folder
+    for trainer_class in (GradTuneTrainer, DFRTrainer):
+        with pytest.raises(DataValidationError, match="needs a train_dataset for its ERM stage"):
+            trainer_class(model, None, eval_dataset={"validation": small_digits["validation"]})
     with pytest.raises(DataValidationError, match="'validation'.*eval_dataset has \\['test_biased'\\]"):
         GradTuneTrainer(model, quick_config(GradTuneConfig, tmp_path / "a"), train_dataset=small_digits["train"],
                         eval_dataset={"test_biased": small_digits["test_biased"]})
     with pytest.raises(DataValidationError, match="needs held-out data"):
         GradTuneTrainer(model, quick_config(GradTuneConfig, tmp_path / "a"), train_dataset=small_digits["train"])
+    with pytest.raises(DataValidationError, match="eval_dataset is one unnamed Dataset"):  # it may be the test split
+        GradTuneTrainer(model, quick_config(GradTuneConfig, tmp_path / "a"), train_dataset=small_digits["train"],
+                        eval_dataset=small_digits["test_biased"])
     one_class = small_digits["validation"].filter(lambda row: row["label"] == 0)
     with pytest.raises(DataValidationError, match="at least two classes"):
         GradTuneTrainer(model, quick_config(GradTuneConfig, tmp_path / "a"), train_dataset=small_digits["train"],

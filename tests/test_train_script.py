@@ -94,12 +94,27 @@ def test_config_file_and_command_line_precedence(tmp_path, train_script):
         (["--dataset", "waterbird"], "Unknown benchmark 'waterbird'"),
         (["--eval_splits", "test"], r"--eval_splits \['test'\] are not splits of biased_digits"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+        (["--method", "fairdropout", "--p_gen", "1.5"], "error: .*p_gen"),
+        (["--model", "digits-resnet19"], r"error: --model 'digits-resnet19' could not be loaded .*digits-resnet18"),
+        (["--dataset", "/nowhere/data"], "no such file or directory"),
+        (["--method", "gradtune", "--erm_checkpoint", "/nowhere"], "erm_checkpoint='/nowhere' is not a folder"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tmp_path, train_script, argv, message, digits):
     with pytest.raises(SystemExit, match=message):
         train_script.main(quick(tmp_path) + argv)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_config_file_lists_and_comma_separated_flags(tmp_path, train_script):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: fairdropout\neval_splits: [validation, test_biased]\nfair_dropout_positions: [dp3]\n")
+    script_args, args = train_script.parse_args(["--config", str(config)])
+    assert script_args.eval_splits == "validation,test_biased" and args.fair_dropout_positions == ["dp3"]
+    _, args = train_script.parse_args(["--method", "fairdropout", "--fair_dropout_positions", "dp3,dp4"])
+    assert args.fair_dropout_positions == ["dp3", "dp4"]
+    _, args = train_script.parse_args(["--method", "fairdropout", "--fair_dropout_positions", "dp3", "dp5"])
+    assert args.fair_dropout_positions == ["dp3", "dp5"]
 
 
 def test_unknown_config_key(tmp_path, train_script):

@@ -79,6 +79,21 @@ def test_save_model_writes_model_results_plot_and_card(tmp_path, small_digits):
     assert torch.allclose(reloaded(pixel_values=x).logits, trainer.model.eval()(pixel_values=x).logits, atol=1e-6)
 
 
+def test_save_model_evaluates_a_model_trained_since_its_last_evaluation(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits, max_steps=1)
+    trainer.evaluate()
+    before = trainer.eval_results["validation"]["accuracy"]
+    trainer.train()  # the evaluation above described the untrained model
+    assert trainer.eval_results == {}
+    trainer.save_model()  # no evaluate() in between: save_model runs it
+    results = json.loads((Path(trainer.args.output_dir) / "results.json").read_text())
+    assert set(results["splits"]) == {"validation", "test_biased"}
+    predictions = manual_predictions(trainer, small_digits["validation"])
+    accuracy = (predictions == np.asarray(small_digits["validation"]["label"])).mean()
+    assert results["splits"]["validation"]["accuracy"] == pytest.approx(accuracy)
+    assert isinstance(before, float)
+
+
 def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, small_digits):
     trainer = erm_trainer(tmp_path, small_digits, push_to_hub=True, hub_model_id="someone/robust-digits", max_steps=2)
     trainer.train()
@@ -170,6 +185,21 @@ def test_resume_with_other_settings_is_refused(tmp_path, small_digits):
                           train_dataset=small_digits["train"])
     with pytest.raises(ValueError, match="seed 0, but this run is 'ERM' with seed 7"):
         other.train(resume_from_checkpoint=True)
+    # any setting the finished stage depends on: its outputs would be reused silently
+    changed = RobustTrainer(make_model("timm_wrapper_resnet")[0],
+                            config(tmp_path, max_steps=1, learning_rate=0.01, balanced_sampling="class"),
+                            train_dataset=small_digits["train"])
+    with pytest.raises(ValueError, match="computed with balanced_sampling='none', learning_rate=0.001, but this run "
+                                         "has balanced_sampling='class', learning_rate=0.01"):
+        changed.train(resume_from_checkpoint=True)
+    # what changes no output (where logs go, the evaluation batch size) does not stop a resume
+    same = RobustTrainer(make_model("timm_wrapper_resnet")[0],
+                         config(tmp_path, max_steps=1, logging_steps=5, per_device_eval_batch_size=7),
+                         train_dataset=small_digits["train"])
+    same.train(resume_from_checkpoint=True)
+    assert same.skipped_stages == ["erm"]
+    with pytest.raises(ValueError, match="is not a checkpoint folder of this run's stages"):
+        same.train(resume_from_checkpoint=str(tmp_path))
 
 
 def test_compute_per_example_is_ordered_and_complete(tmp_path, small_digits):
@@ -184,12 +214,58 @@ def test_compute_per_example_is_ordered_and_complete(tmp_path, small_digits):
     assert out["tokens"].shape == (len(data), 3)
 
 
+class BatchRecorder(RobustTrainer):
+    """Records the example indices of every training batch, with the epoch it belongs to."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.batches.append((round(self.state.epoch or 0, 6), inputs["example_idx"].tolist()))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def test_class_balanced_sampling(tmp_path, small_digits):
     trainer = erm_trainer(tmp_path, small_digits, balanced_sampling="class")
     sampler = trainer._get_train_sampler()
     labels = np.asarray(small_digits["train"]["label"])
-    drawn = np.concatenate([labels[list(iter(sampler))] for _ in range(20)])
+    draws = [list(iter(sampler)) for _ in range(20)]
+    drawn = np.concatenate([labels[d] for d in draws])
     assert abs(drawn.mean() - 0.5) < 0.03
+    assert draws[0] != draws[1]  # a new draw every epoch ...
+    sampler.set_epoch(1)
+    assert list(iter(sampler)) == draws[1]  # ... that is a function of (seed, epoch) alone
+
+
+def test_balanced_sampling_resumed_run_sees_the_same_batches(tmp_path, small_digits):
+    """A run resumed after its first epoch draws the uninterrupted run's batches (transformers does not replay
+    the finished epochs, so a sampler with one running generator would restart at epoch 0's draw)."""
+    train = small_digits["train"].select(range(64))
+
+    def run(output_dir, resume=None):
+        trainer = BatchRecorder(
+            make_model("timm_wrapper_resnet")[0],
+            quick_config(RobustConfig, output_dir, num_train_epochs=2, per_device_train_batch_size=16,
+                         balanced_sampling="class", save_strategy="epoch", logging_steps=100),
+            train_dataset=train,
+        )
+        trainer.batches = []
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.batches
+
+    full = run(tmp_path / "full")
+    stage_dir = tmp_path / "full" / "stages" / "erm"
+    checkpoints = sorted(stage_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    assert len(checkpoints) == 2
+    # interrupted after epoch 1: only its checkpoint is left and the stage never finished
+    import shutil
+
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    cut_stage = tmp_path / "cut" / "stages" / "erm"
+    for checkpoint in checkpoints[1:]:
+        shutil.rmtree(cut_stage / checkpoint.name)
+    (cut_stage / "stage.json").unlink()
+    resumed = run(tmp_path / "cut", resume=True)
+    per_epoch = len(full) // 2
+    assert [b for _, b in resumed] == [b for _, b in full[per_epoch:]]
+    assert full[0][1] != full[per_epoch][1]
     with pytest.raises(ValueError, match="balanced_sampling='groups': expected 'none', 'class' or 'group'"):
         config(tmp_path, balanced_sampling="groups")
 

@@ -225,14 +225,22 @@ BENCHMARKS: dict[str, Callable[..., DatasetDict]] = {
 }
 
 
-def load_benchmark(name: str, path: str | os.PathLike | None = None, **kwargs) -> DatasetDict:
+def load_benchmark(
+    name: str,
+    path: str | os.PathLike | None = None,
+    label_column: str = "label",
+    attribute_column: str | None = "attribute",
+    **kwargs,
+) -> DatasetDict:
     """Load a group-annotated benchmark, or a user dataset from a local path.
 
     Args:
         name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_digits,
-            spurious_text), or the path of a local dataset (`save_to_disk` folder or parquet files) that has
-            `label` and optionally `attribute` columns.
+            spurious_text), or the path of a local dataset (`save_to_disk` folder of a DatasetDict, or a folder of
+            parquet files) with a label column and optionally an attribute column.
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
+        label_column, attribute_column: the columns of a local dataset (see `as_group_dataset`); string values
+            are encoded as class indices shared by every split.
         kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones).
 
     Returns:
@@ -242,12 +250,19 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, **kwargs) -
         return BENCHMARKS[name](path=path, **kwargs)
     if Path(name).exists():
         local = Path(name)
+        if (local / "state.json").exists() and not (local / "dataset_dict.json").exists():
+            raise DataValidationError(
+                f"{name} holds a single Dataset (save_to_disk of one split); expected a DatasetDict with train and "
+                "evaluation splits: DatasetDict({'train': ..., 'validation': ...}).save_to_disk(...)."
+            )
         raw = load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
         if isinstance(raw, Dataset):
             raise DataValidationError(
                 f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
             )
-        return as_group_dataset(raw, "label", "attribute")
+        return as_group_dataset(raw, label_column, attribute_column)
+    if os.sep in name or name.startswith("."):
+        raise DataValidationError(f"{name}: no such file or directory (expected a local dataset folder).")
     raise DataValidationError(
         f"Unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} or the path of a local dataset "
         "(a save_to_disk folder or a folder of parquet files)."

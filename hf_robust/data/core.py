@@ -58,6 +58,19 @@ def _as_int_column(values: list, column: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _encode_string_columns(dataset: DatasetDict, columns: Sequence[str | None]) -> DatasetDict:
+    """String class columns as one ClassLabel (sorted names) shared by every split, so that a class has the same
+    index in train and test."""
+    for column in columns:
+        first = next(iter(dataset.values()))
+        feature = first.features.get(column) if column else None
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            continue
+        names = sorted(set().union(*(set(split[column]) for split in dataset.values())))
+        dataset = DatasetDict({k: split.cast_column(column, ClassLabel(names=names)) for k, split in dataset.items()})
+    return dataset
+
+
 def as_group_dataset(
     dataset: Dataset | DatasetDict,
     label_column: str = "label",
@@ -71,7 +84,8 @@ def as_group_dataset(
 
     Args:
         dataset: a `Dataset` or `DatasetDict` (every split is converted with the same label/attribute names).
-        label_column: integer (or ClassLabel) column with the target.
+        label_column: integer (or ClassLabel) column with the target; in a `DatasetDict` string classes are
+            encoded too (sorted names, the same indices in every split), as are string attributes.
         attribute_column: integer, bool or ClassLabel column with the spurious attribute; `None` (or a column
             that is absent) means unknown: `attribute` and `group` are then -1.
         input_column: name of the input column if it is not already `image`/`text`; it is renamed to `image`
@@ -82,6 +96,14 @@ def as_group_dataset(
         >>> ds = as_group_dataset(load_dataset("my/birds"), label_column="species", attribute_column="place")
     """
     if isinstance(dataset, DatasetDict):
+        for name, split in dataset.items():
+            if label_column not in split.column_names:
+                raise DataValidationError(
+                    f"label_column={label_column!r} is not a column of split {name!r} (columns: "
+                    f"{split.column_names}): name the label column (`label_column=`, or `--label_column` in "
+                    "scripts/train.py)."
+                )
+        dataset = _encode_string_columns(dataset, [label_column, attribute_column])
         first = next(iter(dataset.values()))
         if label_names is None and not isinstance(first.features.get(label_column), ClassLabel):
             top = max(int(np.max(split[label_column])) for split in dataset.values() if len(split))

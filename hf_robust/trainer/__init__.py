@@ -9,6 +9,7 @@ _EXPORTS = {
     "RobustConfig": ".base_config",
     "RobustTrainer": ".base_trainer",
     "HubPushError": ".base_trainer",
+    "RunSetupError": ".base_trainer",
     "Stage": ".base_trainer",
     "MaskTuneConfig": ".masktune_config",
     "MaskTuneTrainer": ".masktune_trainer",

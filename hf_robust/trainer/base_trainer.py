@@ -36,8 +36,14 @@ from ..preprocessing import GroupDataCollator, ImagePreprocessing
 from .base_config import RobustConfig
 
 STAGES_DIR = "stages"
+# what a push leaves out: the stages' outputs, the Trainer's checkpoints, temporary files
+HUB_IGNORE_PATTERNS = ("_*", "checkpoint-*", f"{STAGES_DIR}/*", f"{STAGES_DIR}/**")
 STAGE_MARKER = "stage.json"
 RESULTS_NAME = "results.json"
+
+
+class RunSetupError(ValueError):
+    """A run that cannot start as asked (a resume or a checkpoint that does not fit it), raised before training."""
 
 
 class HubPushError(RuntimeError):
@@ -113,6 +119,29 @@ def maybe_wrap_timm(model: nn.Module) -> nn.Module:
         wrapper = TimmWrapperForImageClassification(config)
     wrapper.timm_model = model
     return wrapper
+
+
+class EpochSeededWeightedSampler(WeightedRandomSampler):
+    """`WeightedRandomSampler` whose draw is a pure function of (seed, epoch).
+
+    The Trainer calls `set_epoch(epoch)` before each epoch (accelerate forwards it through its batch-sampler
+    shards), so epoch k draws the same indices in an uninterrupted run, in a resumed one (which does not replay
+    the finished epochs) and on every process. Iterating without `set_epoch` moves to the next epoch's draw.
+    """
+
+    def __init__(self, weights, num_samples: int, seed: int):
+        super().__init__(weights, num_samples, replacement=True)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
+        self.generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        yield from super().__iter__()
+        self.epoch += 1
 
 
 class RobustTrainer(Trainer):
@@ -284,8 +313,7 @@ class RobustTrainer(Trainer):
                 "balanced_sampling='class' for data without group labels."
             )
         weights = 1.0 / np.bincount(keys)[keys]
-        generator = torch.Generator().manual_seed(self.args.seed)
-        return WeightedRandomSampler(torch.as_tensor(weights), len(dataset), replacement=True, generator=generator)
+        return EpochSeededWeightedSampler(torch.as_tensor(weights), len(dataset), seed=self.args.seed)
 
     # ------------------------------------------------------------------ metrics and reports
     @property
@@ -354,9 +382,12 @@ class RobustTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the model; a call from user code (not a checkpoint) also writes results.json, plots and the
-        model card. Pushing happens only in `push_to_hub`."""
+        model card, evaluating the model first if it was not evaluated since its training. Pushing happens only
+        in `push_to_hub`."""
         super().save_model(output_dir, _internal_call=True)
         if not _internal_call:
+            if not self.eval_results and self.eval_dataset is not None:
+                self.evaluate()
             self.write_report(output_dir)
 
     def write_report(self, output_dir: str | None = None) -> None:
@@ -391,13 +422,17 @@ class RobustTrainer(Trainer):
         hyper.update(mine)
         return {k: v for k, v in hyper.items() if v is not None}
 
+    def usage_snippet(self, repo: str) -> str:
+        """The model card's "how to use" code for the saved model."""
+        auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
+        return f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo}")'
+
     def create_model_card_object(self, results: dict | None = None, plot_files: list[str] | None = None):
         from ..modelcard import build_model_card
 
         results = results or self.results()
         repo = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
-        usage = f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo}")'
+        usage = self.usage_snippet(repo)
         baseline = next(iter(self.stage_results), None)
         return build_model_card(
             model_name=repo.split("/")[-1],
@@ -453,13 +488,14 @@ class RobustTrainer(Trainer):
                 token=token,
                 revision=revision or self.args.hub_revision,
                 run_as_future=not blocking,
-                ignore_patterns=["_*", "checkpoint-*", f"{STAGES_DIR}/*", f"{STAGES_DIR}/**"],
+                ignore_patterns=list(HUB_IGNORE_PATTERNS),
             )
         except Exception as error:  # offline (OfflineModeIsEnabled is an OSError; httpx errors are not), auth, ...
             raise HubPushError(
                 f"Could not push {self.args.output_dir} to the Hub as {repo_id!r}: {type(error).__name__}: {error}. "
                 f"The model, results.json, plots and README.md are saved in {self.args.output_dir}; push them "
-                f"later with `hf upload {repo_id} {self.args.output_dir}`."
+                f"later with `hf upload {repo_id} {self.args.output_dir} --exclude "
+                + " ".join(f"'{p}'" for p in HUB_IGNORE_PATTERNS) + "` (the stages and checkpoints stay local)."
             ) from error
 
     # ------------------------------------------------------------------ stages
@@ -478,17 +514,61 @@ class RobustTrainer(Trainer):
             atomic_write_json(
                 self.stage_dir(name) / STAGE_MARKER,
                 {"stage": name, "method": self._name, "seed": self.args.seed, "seconds": round(seconds, 3),
-                 "world_size": self.args.world_size, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                 "world_size": self.args.world_size, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "settings": self.run_settings()},
             )
         self.accelerator.wait_for_everyone()
+
+    # settings of the config that change no stage's outputs (where and how a run is saved, logged, shown)
+    _SETTINGS_IGNORED = frozenset({"save_plots", "plot_examples", "cam_examples_per_group", "export_model"})
+    # TrainingArguments settings that change what a stage computes (the per-device batch size enters as the
+    # global batch: a run may resume on another number of processes)
+    _TRAINING_SETTINGS = (
+        "learning_rate", "num_train_epochs", "max_steps", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs",
+        "warmup_steps", "warmup_ratio", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+        "max_grad_norm", "gradient_accumulation_steps", "seed", "data_seed", "label_smoothing_factor", "bf16", "fp16",
+    )
+
+    def run_settings(self) -> dict:
+        """What the stages' outputs depend on: the method's own config fields, the training settings, the model,
+        the size of the training set. Recorded with every finished stage; a resume must match it."""
+        from dataclasses import fields
+
+        from transformers import TrainingArguments
+
+        def plain(value):
+            value = getattr(value, "value", value)  # enums (scheduler, optimizer names)
+            try:
+                return json.loads(json.dumps(value))
+            except TypeError:
+                return repr(value)
+
+        base = {f.name for f in fields(TrainingArguments)}
+        names = [f.name for f in fields(self.args) if f.name not in base and f.name not in self._SETTINGS_IGNORED]
+        names += [n for n in self._TRAINING_SETTINGS if hasattr(self.args, n)]
+        settings = {name: plain(getattr(self.args, name)) for name in names}
+        settings["global_train_batch_size"] = self.args.per_device_train_batch_size * self.args.world_size
+        settings["model"] = self.model_name_or_path
+        settings["train_examples"] = None if self.train_dataset is None else len(self.train_dataset)
+        return settings
 
     def _check_stage_marker(self, name: str) -> None:
         marker = json.loads((self.stage_dir(name) / STAGE_MARKER).read_text())
         if marker.get("seed") != self.args.seed or marker.get("method") != self._name:
-            raise ValueError(
+            raise RunSetupError(
                 f"{self.stage_dir(name)} holds a finished {marker.get('method')!r} stage {name!r} with seed "
                 f"{marker.get('seed')}, but this run is {self._name!r} with seed {self.args.seed}: resume with the "
                 "same settings, or use a new output_dir."
+            )
+        recorded, current = marker.get("settings") or {}, self.run_settings()
+        changed = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+        if changed:
+            was = ", ".join(f"{k}={recorded[k]!r}" for k in changed)
+            now = ", ".join(f"{k}={current[k]!r}" for k in changed)
+            raise RunSetupError(
+                f"{self.stage_dir(name)} holds a finished stage {name!r} computed with {was}, but this run has "
+                f"{now}: resuming would reuse its outputs. Resume with the same settings, or start a new run "
+                "(another output_dir, or no resume_from_checkpoint; `erm_checkpoint=` reuses a saved ERM model)."
             )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -496,11 +576,20 @@ class RobustTrainer(Trainer):
         restored) and an interrupted training stage continues from its last checkpoint (or the given one)."""
         resume = bool(resume_from_checkpoint)
         self._explicit_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        if self._explicit_checkpoint is not None:
+            stage_dirs = {self.stage_dir(stage.name).resolve() for stage in self.stages()}
+            if not Path(self._explicit_checkpoint).is_dir() or Path(self._explicit_checkpoint).resolve().parent not in stage_dirs:
+                raise RunSetupError(
+                    f"resume_from_checkpoint={self._explicit_checkpoint!r} is not a checkpoint folder of this run's "
+                    f"stages ({Path(self.args.output_dir) / STAGES_DIR}/<stage>/checkpoint-<step>): pass one of "
+                    "them, or resume_from_checkpoint=True for the last checkpoint of the interrupted stage."
+                )
         if not resume and self.is_world_process_zero():
             shutil.rmtree(Path(self.args.output_dir) / STAGES_DIR, ignore_errors=True)
             (Path(self.args.output_dir) / RESULTS_NAME).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
         self.finished_stages, self.skipped_stages = [], []
+        self.eval_results = {}  # an evaluation of the model before this training no longer describes it
         for stage in self.stages():
             stage_dir = self.stage_dir(stage.name)
             if resume and self.stage_finished(stage.name):
@@ -523,8 +612,11 @@ class RobustTrainer(Trainer):
         `arg_overrides` (e.g. num_train_epochs=1, learning_rate=...) applied for this stage only."""
         checkpoint = None
         if resume and stage_dir.is_dir():
-            checkpoint = self._explicit_checkpoint or get_last_checkpoint(str(stage_dir))
-            self._explicit_checkpoint = None
+            explicit = self._explicit_checkpoint
+            if explicit and Path(explicit).resolve().parent == stage_dir.resolve():  # a checkpoint of this stage
+                checkpoint, self._explicit_checkpoint = explicit, None
+            else:
+                checkpoint = get_last_checkpoint(str(stage_dir))
         overrides = {"output_dir": str(stage_dir), **arg_overrides}
         saved_args = {k: getattr(self.args, k) for k in overrides}
         saved_dataset = self.train_dataset
@@ -615,19 +707,37 @@ class RobustTrainer(Trainer):
         otherwise its `.safetensors` files are loaded as they are (models with modules added by hf_robust)."""
         from safetensors.torch import load_file
 
+        from ..fair_dropout import CONFIG_NAME as FAIR_DROPOUT_CONFIG
+        from ..fair_dropout import fair_dropout_modules
+
         model = self.accelerator.unwrap_model(self.model)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"erm_checkpoint {folder} holds no .safetensors weights.")
+            raise RunSetupError(f"erm_checkpoint {folder} holds no .safetensors weights.")
+        if (folder / FAIR_DROPOUT_CONFIG).is_file() and fair_dropout_modules(model) is None:
+            # its weights load into the plain model, but without the FairDropout layers every memorising neuron
+            # would stay on (and an added `fc` projection would be dropped): not the model that was trained
+            raise RunSetupError(
+                f"erm_checkpoint {folder} is a FairDropout model ({FAIR_DROPOUT_CONFIG}), and {type(self).__name__} "
+                f"would load it without its FairDropout layers. Pass its stock export instead "
+                f"(erm_checkpoint={str(folder / 'exported')!r}, written with export_model=True), or use "
+                "--method fairdropout_dfr for DFR on a FairDropout model."
+            )
         if via_from_pretrained and (folder / "config.json").is_file() and hasattr(type(model), "from_pretrained"):
-            state = type(model).from_pretrained(str(folder)).state_dict()
+            try:
+                state = type(model).from_pretrained(str(folder)).state_dict()
+            except (TypeError, ValueError, KeyError, AttributeError, OSError) as error:
+                raise RunSetupError(
+                    f"erm_checkpoint {folder} could not be loaded as a {type(model).__name__} (the model of this run): "
+                    f"{type(error).__name__}: {error}. Pass a checkpoint of the same architecture."
+                ) from error
         else:
             state = {}
             for file in files:
                 state.update(load_file(str(file)))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise RunSetupError(
                 f"erm_checkpoint {folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
             )
 

@@ -238,16 +238,41 @@ class CounterfactualDistillTrainer(RobustTrainer):
         digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
+    def _global_rows(self, pixel_values: torch.Tensor) -> tuple[list[int], int]:
+        """(batch size of every process, offset of this process's images in the global batch); this batch alone
+        when donors are local or there is one process."""
+        if self.args.donor_pool == "local" or self.accelerator.num_processes == 1:
+            return [pixel_values.shape[0]], 0
+        sizes = self.accelerator.gather(torch.tensor([pixel_values.shape[0]], device=pixel_values.device)).tolist()
+        return sizes, int(sum(sizes[: self.accelerator.process_index]))
+
     def _donor_pool(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(pool, offset of this process's images in it): the global batch unless donors are local."""
-        if self.args.donor_pool == "local" or self.accelerator.num_processes == 1:
+        sizes, offset = self._global_rows(pixel_values)
+        if len(sizes) == 1:
             return pixel_values, 0
-        size = torch.tensor([pixel_values.shape[0]], device=pixel_values.device)
-        sizes = self.accelerator.gather(size).tolist()
         gathered = self.accelerator.gather(self.accelerator.pad_across_processes(pixel_values, dim=0))
         width = max(sizes)
-        pool = torch.cat([gathered[i * width : i * width + n] for i, n in enumerate(sizes)])
-        return pool, int(sum(sizes[: self.accelerator.process_index]))
+        return torch.cat([gathered[i * width : i * width + n] for i, n in enumerate(sizes)]), offset
+
+    @torch.no_grad()
+    def counterfactuals(self, pixel_values: torch.Tensor, cam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counterfactual images, patch mask) of this process's batch for the training step. The random draws
+        (random masks, donors) are made for the global batch and this process's rows taken, so N processes
+        make the counterfactuals of one process (with `donor_pool="global"`)."""
+        args = self.args
+        pool, pool_size, offset = None, None, 0
+        if args.refill_strategy != "none":
+            pool, offset = self._donor_pool(pixel_values)
+        elif args.mask_strategy == "random":  # no donors, but the random masks are drawn for the global batch
+            sizes, offset = self._global_rows(pixel_values)
+            pool_size = sum(sizes)
+        counterfactual, mask, _ = make_counterfactuals(
+            pixel_values, args.mask_strategy, args.refill_strategy, cam=cam, threshold=args.cam_threshold,
+            probability=args.random_mask_probability, grid=self._patch_grid(cam), generator=self._generator(),
+            pool=pool, offset=offset, pool_size=pool_size,
+        )
+        return counterfactual, mask
 
     def _patch_grid(self, cam: torch.Tensor | None) -> tuple[int, int]:
         if cam is not None:
@@ -312,13 +337,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
             relevance = rollout_relevance([a.detach() for a in attentions], gradients)
             cam = patch_relevance_map(relevance, self.adapter.num_prefix_tokens, self.adapter.patch_grid)
 
-        with torch.no_grad():
-            pool, offset = (pixel_values, 0) if args.refill_strategy == "none" else self._donor_pool(pixel_values)
-            counterfactual, mask, _ = make_counterfactuals(
-                pixel_values, args.mask_strategy, args.refill_strategy, cam=cam, threshold=args.cam_threshold,
-                probability=args.random_mask_probability, grid=self._patch_grid(cam), generator=self._generator(),
-                pool=pool, offset=offset,
-            )
+        counterfactual, mask = self.counterfactuals(pixel_values, cam)
         # through the unwrapped student: DDP sees one forward per step, the backward reduces both
         f_student = self.adapter.image_embedding({"pixel_values": counterfactual})
         f_teacher = self.teacher_embedding(counterfactual)

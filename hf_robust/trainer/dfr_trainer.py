@@ -48,7 +48,7 @@ class DFRTrainer(LastLayerMixin, RobustTrainer):
 
     def __init__(self, model, args: DFRConfig | None = None, *pargs, heldout_dataset=None, **kwargs):
         super().__init__(model, args, *pargs, **kwargs)
-        if self.train_dataset is None and args.erm_checkpoint is None:
+        if self.train_dataset is None and self.args.erm_checkpoint is None:
             raise DataValidationError("DFRTrainer needs a train_dataset for its ERM stage (or an erm_checkpoint).")
         self.setup_last_layer(heldout_dataset)  # also refuses dfr_balance='group' without group labels
 

@@ -60,7 +60,11 @@ class FairDropoutTrainingConfig(RobustConfig):
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.fair_dropout_positions, str):
-            self.fair_dropout_positions = [p.strip() for p in self.fair_dropout_positions.split(",") if p.strip()]
+            self.fair_dropout_positions = [self.fair_dropout_positions]
+        if self.fair_dropout_positions is not None:  # "dp3,dp4" (one flag value) or ["dp3", "dp4"]
+            self.fair_dropout_positions = [
+                p.strip() for entry in self.fair_dropout_positions for p in str(entry).split(",") if p.strip()
+            ]
         self.fair_dropout_config()  # validates p_gen, p_mem and the positions list
 
     def fair_dropout_config(self):

@@ -30,7 +30,7 @@ from ..fair_dropout import (
     fair_dropout_modules,
     inject_fair_dropout,
 )
-from .base_trainer import RobustTrainer, Stage, atomic_write_bytes, maybe_wrap_timm
+from .base_trainer import RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
 from .fairdropout_config import FairDropoutDFRConfig, FairDropoutTrainingConfig
 from .last_layer import LastLayerMixin
 
@@ -102,7 +102,7 @@ class FairDropoutTrainer(RobustTrainer):
     def _load_fairdropout(self, stage_dir: Path) -> None:
         saved = FairDropoutConfig.from_pretrained(stage_dir)
         if saved != self.fair_dropout_config:
-            raise ValueError(
+            raise RunSetupError(
                 f"{stage_dir} holds a FairDropout stage trained with {saved}, this run asks for "
                 f"{self.fair_dropout_config}: resume with the same settings, or use a new output_dir."
             )
@@ -111,7 +111,7 @@ class FairDropoutTrainer(RobustTrainer):
     def _load_fairdropout_checkpoint(self, folder: Path) -> None:
         saved = FairDropoutConfig.from_pretrained(folder)
         if saved != self.fair_dropout_config:
-            raise ValueError(
+            raise RunSetupError(
                 f"erm_checkpoint {folder} was trained with FairDropout {saved}, but this run asks for "
                 f"{self.fair_dropout_config}: use the same positions, p_gen, p_mem and seed."
             )
@@ -151,6 +151,16 @@ class FairDropoutTrainer(RobustTrainer):
         readme = Path(output_dir or self.args.output_dir) / "README.md"
         if readme.is_file():
             atomic_write_bytes(readme, (readme.read_text() + self._usage_section(readme.parent)).encode())
+
+    def usage_snippet(self, repo: str) -> str:
+        """The stock export when there is one (same predictions, plain transformers), else the FairDropout model
+        with its layers re-applied: a plain `from_pretrained` of the folder would run with every neuron on."""
+        auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
+        if (Path(self.args.output_dir) / EXPORT_DIR).is_dir():
+            return (f"from transformers import {auto}\n\n# the stock export: evaluation-time masks folded into the "
+                    f'weights\nmodel = {auto}.from_pretrained("{repo}", subfolder="{EXPORT_DIR}")')
+        return (f"from transformers import {auto}\nfrom hf_robust.fair_dropout import load_fair_dropout\n\n"
+                f'model = load_fair_dropout({auto}.from_pretrained("{repo}"), "{repo}").eval()')
 
     def _usage_section(self, folder: Path) -> str:
         auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..data.core import DataValidationError, group_names, label_names
-from .base_trainer import Stage
+from .base_trainer import RunSetupError, Stage
 from .last_layer_config import LastLayerArguments
 
 logger = logging.getLogger(__name__)
@@ -137,10 +137,14 @@ def select_by_gradient_norm(
     u = torch.rand(len(rest), generator=generator, dtype=torch.float64).clamp_min(1e-300)
     tie_break = torch.rand(len(rest), generator=generator, dtype=torch.float64)
     weights = norms[rest]
-    keys = -1e308 + tie_break  # zero norms: after every positive one, in random order
-    positive = weights > 0
-    keys[positive] = (u[positive].log() / weights[positive]).clamp_min(-1e307)
-    drawn = rest[torch.sort(keys, descending=True, stable=True).indices[: size - top_k]]
+    positive = (weights > 0).nonzero().flatten()
+    zero = (weights == 0).nonzero().flatten()
+    keys = u[positive].log() / weights[positive]
+    ranked = torch.cat([
+        positive[torch.sort(keys, descending=True, stable=True).indices],
+        zero[torch.argsort(tie_break[zero])],  # zero norms: after every positive one, in seeded random order
+    ])
+    drawn = rest[ranked[: size - top_k]]
     return torch.sort(torch.cat([top, drawn])).values
 
 
@@ -447,7 +451,13 @@ class LastLayerMixin:
                     )
                 heldout_dataset = self.eval_dataset[split]
             elif self.eval_dataset is not None:
-                heldout_dataset = self.eval_dataset
+                # one unnamed Dataset may be the test split: training the head on it would inflate every number
+                # reported on it, so the held-out split must be named
+                raise DataValidationError(
+                    f"{self._name} retrains the last layer on half of the held-out split {split!r}, but eval_dataset "
+                    f"is one unnamed {type(self.eval_dataset).__name__}, so which split it is is unknown: pass "
+                    f"eval_dataset={{{split!r}: <validation data>, ...}} or heldout_dataset=<validation data>."
+                )
             else:
                 raise DataValidationError(
                     f"{self._name} needs held-out data (half of a validation split) to retrain the last layer: pass "
@@ -532,7 +542,7 @@ class LastLayerMixin:
     def _load_heldout(self, stage_dir: Path) -> None:
         saved = self.load_stage_tensors(stage_dir, "split")
         if not torch.equal(saved["heldout_idx"], self.heldout_idx):
-            raise ValueError(
+            raise RunSetupError(
                 f"{stage_dir} holds a different held-out split than this run computes (another dataset, "
                 "heldout_fraction or seed): resume with the same settings, or use a new output_dir."
             )

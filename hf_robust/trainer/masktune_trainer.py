@@ -102,8 +102,8 @@ class MaskTuneTrainer(RobustTrainer):
                     f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
                     f"{type(self.processing_class).__name__} has none: use a tokenizer with a mask token (BERT-style)."
                 )
-        if args.erm_checkpoint is not None and not Path(args.erm_checkpoint).is_dir():
-            raise FileNotFoundError(f"erm_checkpoint={args.erm_checkpoint!r} is not a folder of a saved model.")
+        if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
+            raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
         self.masks: MaskStore | None = None
         self.finetune_learning_rate: float | None = None
         self.selective_results: dict = {}

@@ -47,6 +47,13 @@ def main(out_path: str, work_dir: str) -> None:
     teacher = trainer.teacher
     student = trainer.accelerator.unwrap_model(trainer.model)
     params = torch.cat([p.detach().flatten() for p in student.parameters()])
+    # random masks without refilling: this process's rows of one global batch of 8 get the masks one process
+    # gives those rows
+    trainer.args.mask_strategy, trainer.args.refill_strategy = "random", "none"
+    batch = trainer._prepare_inputs(trainer.eval_collator([data["train"][i] for i in range(8)]))
+    rows = slice(trainer.args.process_index * 8 // world, (trainer.args.process_index + 1) * 8 // world)
+    _, mask = trainer.counterfactuals(batch["pixel_values"][rows], None)
+    random_masks = trainer.accelerator.gather(mask.contiguous())
     if trainer.is_world_process_zero():
         logs = [e for e in trainer.state.log_history if "ce_loss" in e]
         json.dump(
@@ -63,6 +70,7 @@ def main(out_path: str, work_dir: str) -> None:
                 "ce_losses": [e["ce_loss"] for e in logs],
                 "distill_losses": [e["distill_loss"] for e in logs],
                 "masked_fractions": [e["masked_fraction"] for e in logs],
+                "random_none_masks": random_masks.int().tolist(),
                 "eval": {k: v for k, v in after.items() if k.endswith("accuracy")},
                 "wise_ft": trainer.wise_ft_results["sweep"]["counterfactual"]["0.5"]["validation"]["accuracy"],
             },
