@@ -101,16 +101,25 @@ def _first(root: nn.Module, *paths: str) -> nn.Module | None:
 
 
 def _last_linear(module: nn.Module | None) -> nn.Module | None:
-    """The last nn.Linear inside `module` (itself if it is one), peft wrappers kept so that hooks see them."""
+    """The last nn.Linear inside `module` (itself if it is one), peft wrappers kept so that hooks see them. A
+    peft layer counts as one Linear: its own parts (LoRA's `lora_A`/`lora_B`) are never the classifier."""
     if module is None:
         return None
     if isinstance(active_module(module), nn.Linear):
         return module
     found = None
-    for child in module.modules():
-        if child is not module and isinstance(active_module(child), nn.Linear):
-            found = child
+    for child in module.children():
+        hit = _last_linear(child)
+        if hit is not None:
+            found = hit
     return found
+
+
+def is_lora_layer(module: nn.Module | None) -> bool:
+    """A peft LoRA-style layer: a frozen `base_layer` plus a trained low-rank update added to its output."""
+    return module is not None and isinstance(getattr(module, "base_layer", None), nn.Module) and (
+        hasattr(module, "lora_A") or hasattr(module, "lora_B")
+    )
 
 
 @dataclass
@@ -157,6 +166,20 @@ class ModelAdapter:
         return layer
 
     @property
+    def linear_head(self) -> nn.Linear:
+        """The classifier as the exact map from features to logits (`W h + b`), for the methods that read or
+        rewrite it (GradTune, DFR): not a LoRA-wrapped classifier, whose output adds a low-rank update."""
+        layer = self.classifier
+        if is_lora_layer(self.classifier_module):
+            raise UnsupportedModelError(
+                f"The classifier of {type(self.model).__name__} is wrapped by LoRA (its logits are W h + b plus a "
+                "low-rank update), so it cannot be read or rewritten as one linear layer. Train the classifier "
+                "in full: name it in peft's `modules_to_save` (e.g. LoraConfig(..., modules_to_save=['classifier'])) "
+                "and leave it out of `target_modules` (no 'all-linear')."
+            )
+        return layer
+
+    @property
     def cam_layer(self) -> nn.Module:
         if self.cam_module is None:
             what = "text models use token attributions" if self.input_kind == "text" else "it is unknown"
@@ -195,13 +218,16 @@ class ModelAdapter:
         if self.cam_layout == "channels":
             return activation
         tokens = activation[:, self.num_prefix_tokens :]
-        side = math.isqrt(tokens.shape[1])
-        if side * side != tokens.shape[1]:
-            raise UnsupportedModelError(
-                f"Cannot lay {tokens.shape[1]} patch tokens out on a square grid; pass target_layer= to a layer "
-                "with a (B, C, H, W) output."
-            )
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+        if self.patch_grid is not None and self.patch_grid[0] * self.patch_grid[1] == tokens.shape[1]:
+            height, width = self.patch_grid
+        else:
+            height = width = math.isqrt(tokens.shape[1])
+            if height * width != tokens.shape[1]:
+                raise UnsupportedModelError(
+                    f"Cannot lay {tokens.shape[1]} patch tokens out on the patch grid {self.patch_grid} or a square "
+                    "one; pass target_layer= to a layer with a (B, C, H, W) output."
+                )
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
     @contextlib.contextmanager
     def capture_penultimate(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -224,7 +250,15 @@ class ModelAdapter:
         with self.capture_penultimate() as store:
             outputs = self.model(**model_inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        return store["features"].flatten(1), logits
+        features = store["features"]
+        if features.ndim > 2 and features.shape[1:].numel() != self.classifier.in_features:
+            raise UnsupportedModelError(
+                f"The classifier of {type(self.model).__name__} runs on every token (features of shape "
+                f"{tuple(features.shape)}) and the logits are picked or pooled after it, as in decoder models "
+                "(GPT-2, Llama `score`): hf_robust needs a classifier on one feature vector per example. Use an "
+                "encoder classifier (BERT-style), or pass classifier= naming a layer that sees pooled features."
+            )
+        return features.flatten(1), logits
 
     @contextlib.contextmanager
     def capture_image_embedding(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -314,6 +348,17 @@ def _patch_grid(config) -> tuple[int, int] | None:
     return image[0] // patch[0], image[1] // patch[1]
 
 
+def _hf_prefix_tokens(embeddings: nn.Module) -> int:
+    """Tokens before the patches in an HF ViT-like sequence: CLS, DeiT's distillation token, register tokens."""
+    count = 1
+    if isinstance(getattr(embeddings, "distillation_token", None), torch.Tensor):
+        count += 1
+    registers = getattr(embeddings, "register_tokens", None)
+    if isinstance(registers, torch.Tensor) and registers.ndim == 3:
+        count += registers.shape[1]
+    return count
+
+
 def _natural(name: str):
     digits = "".join(ch for ch in name if ch.isdigit())
     return (name.rstrip("0123456789"), int(digits) if digits else -1)
@@ -364,7 +409,7 @@ def _timm_adapter(model: nn.Module, timm_model: nn.Module, family_prefix: str) -
             family=f"{family_prefix}resnet",
             input_kind="image",
             classifier_module=classifier,
-            cam_module=stages[-1],
+            cam_module=_last_block(stages[-1]),  # a hook on the stage never fires under gradient checkpointing
             positions=positions,
             default_positions=("dp4",),
         )
@@ -453,7 +498,7 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             classifier_module=classifier,
             cam_module=_first(blocks[-1], "layernorm_before", "norm1", "layer_norm1"),
             cam_layout="tokens",
-            num_prefix_tokens=1,
+            num_prefix_tokens=_hf_prefix_tokens(embeddings),
             positions=positions,
             default_positions=("pooled",) if classifier is not None else (),
             cam_method="attention_rollout" if hasattr(model, "set_attn_implementation") else "xgradcam",

@@ -93,7 +93,10 @@ class ImagePreprocessing:
 
         base = unwrap_model(model)
         config = getattr(base, "config", None)
-        if getattr(config, "model_type", None) == "timm_wrapper":
+        wrapper = getattr(config, "model_type", None) == "timm_wrapper"
+        if wrapper:  # the timm model inside knows its own input size, which its pretrained_cfg may not
+            base = getattr(base, "timm_model", None) or base
+        if wrapper and not hasattr(base, "pretrained_cfg"):
             import timm
 
             return cls.from_timm_config(timm.data.resolve_data_config(dict(config.pretrained_cfg or {}), model=None, verbose=False))
@@ -113,12 +116,7 @@ class ImagePreprocessing:
     # -- the three steps
     def to_uint8(self, images: list) -> torch.Tensor:
         """Decode, resize and center-crop to the model's input size: uint8 (B, 3, H, W)."""
-        tensors = []
-        for image in images:
-            array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=-1)
-            tensors.append(torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1))
+        tensors = [torch.from_numpy(_rgb_uint8(image)).permute(2, 0, 1) for image in images]
         if all(t.shape[1:] == tensors[0].shape[1:] for t in tensors):
             return self._geometry(torch.stack(tensors))
         return torch.cat([self._geometry(t.unsqueeze(0)) for t in tensors])
@@ -168,6 +166,29 @@ def augment_images(batch: torch.Tensor, mode: str, generator: torch.Generator | 
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     out = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _rgb_uint8(image) -> np.ndarray:
+    """A PIL image or an array as (H, W, 3) uint8. Arrays: (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4
+    (alpha dropped); floats are read as [0, 1] when at most 1, else as [0, 255]."""
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channels first
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"An image array of shape {array.shape}: expected (H, W), (H, W, C) or (C, H, W) with C = 1, 3 or 4."
+        )
+    array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
+    if np.issubdtype(array.dtype, np.floating):
+        array = array * 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else array
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"An integer image array has values in [{array.min()}, {array.max()}]: expected 0..255.")
+    return array.astype(np.uint8)
 
 
 class GroupDataCollator:
@@ -220,8 +241,11 @@ class GroupDataCollator:
                 texts = ([row["premise"] for row in rows], [row["hypothesis"] for row in rows])
             else:
                 texts = ([row["text"] for row in rows],)
+            # right padding whatever the tokenizer's default: a token's position then does not depend on the
+            # longest text of the batch (MaskTune's text masks are stored by position)
             encoded = self.tokenizer(
-                *texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                *texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                padding_side="right",
             )
             if self.example_transform is not None:
                 encoded["input_ids"] = self.example_transform(encoded["input_ids"], example_idx)

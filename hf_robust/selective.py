@@ -97,5 +97,13 @@ class SelectiveClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, threshold: float, **inputs) -> torch.Tensor:
-        predictions, confidences = self(**inputs)
+        """Predictions with -1 where it abstains, computed in evaluation mode (dropout off, BatchNorm running
+        statistics) whatever mode the models were left in by training; their modes are restored after."""
+        modes = [module.training for module in self.modules()]
+        self.eval()
+        try:
+            predictions, confidences = self(**inputs)
+        finally:
+            for module, mode in zip(self.modules(), modes):
+                module.training = mode
         return torch.where(confidences >= threshold, predictions, torch.full_like(predictions, -1))

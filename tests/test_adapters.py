@@ -60,6 +60,7 @@ def test_adapter_matrix(family, lora):
     features, logits = adapter.penultimate(inputs)
     assert features.shape == (2, adapter.classifier.in_features)
     assert torch.allclose(adapter.classifier(features), logits, atol=1e-5)  # h really is the classifier's input
+    assert adapter.linear_head is adapter.classifier  # a full (not LoRA-wrapped) head: GradTune/DFR can rewrite it
     assert torch.allclose(model(**inputs).logits, logits)
 
     if family == "hf_bert":
@@ -73,6 +74,23 @@ def test_adapter_matrix(family, lora):
     handle.remove()
     cam_map = adapter.activation_to_map(captured["act"])
     assert tuple(cam_map.shape) == CAM_SHAPES[family]
+
+
+def test_lora_inside_the_head_is_not_the_classifier():
+    """With LoRA on every Linear, HF ResNet's head Sequential(Flatten, Linear) holds LoRA's own lora_A/lora_B
+    Linears: the classifier is the LoRA-wrapped head Linear, and the methods that rewrite the head refuse it."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = make_model("hf_resnet", num_labels=3)
+    in_features = model.classifier[1].in_features
+    model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=2)).eval()
+    adapter = get_adapter(model)
+    names = {module: name for name, module in adapter.model.named_modules()}
+    assert names[adapter.classifier_module] == "classifier.1"
+    features, logits = adapter.penultimate(_inputs("hf_resnet"))
+    assert features.shape == (2, in_features) and logits.shape == (2, 3)
+    with pytest.raises(UnsupportedModelError, match="wrapped by LoRA.*modules_to_save"):
+        adapter.linear_head
 
 
 def test_vit_cam_layer_reaches_the_logits():
@@ -121,3 +139,48 @@ def test_unknown_fair_dropout_position_lists_valid_ones():
     model, _ = make_model("hf_vit")
     with pytest.raises(UnsupportedModelError, match=r"\['block0', 'block1', 'pooled'\]"):
         get_adapter(model).fair_dropout_position("fc")
+
+
+def test_timm_resnet_cam_under_activation_checkpointing():
+    """timm runs a checkpointed stage block by block: the CAM hook sits on the last block, which still runs."""
+    from hf_robust.trainer.masktune_trainer import image_masks
+
+    model, _ = make_model("timm_wrapper_resnet")
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = image_masks(model, get_adapter(model), x)
+    model.timm_model.set_grad_checkpointing(True)
+    assert torch.equal(image_masks(model, get_adapter(model), x), plain)
+
+
+def test_wrapping_a_timm_vit_keeps_its_input_size():
+    from hf_robust.preprocessing import ImagePreprocessing
+
+    raw, _ = make_model("timm_vit")  # built for 32x32, its pretrained_cfg says 224
+    size = tuple(raw.patch_embed.img_size)
+    assert ImagePreprocessing.for_model(raw).size == size
+    assert ImagePreprocessing.for_model(maybe_wrap_timm(raw)).size == size
+
+
+def test_vit_like_prefix_tokens_and_non_square_patch_grids():
+    from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
+
+    small = dict(patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    deit = DeiTForImageClassification(DeiTConfig(image_size=32, **small)).eval()
+    adapter = get_adapter(deit)
+    assert adapter.num_prefix_tokens == 2  # CLS + distillation token: neither is a patch
+    tokens = torch.arange(2 * 18 * 1, dtype=torch.float).reshape(2, 18, 1)
+    assert torch.equal(adapter.activation_to_map(tokens)[0, 0], tokens[0, 2:, 0].reshape(4, 4))
+    vit = ViTForImageClassification(ViTConfig(image_size=(24, 40), **small)).eval()  # a 3 x 5 patch grid
+    adapter = get_adapter(vit)
+    tokens = torch.randn(2, 16, 32)
+    assert torch.equal(adapter.activation_to_map(tokens), tokens[:, 1:].transpose(1, 2).reshape(2, 32, 3, 5))
+
+
+def test_a_per_token_classifier_is_refused_not_misread():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                                     num_labels=2, pad_token_id=0)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"runs on every token \(features of shape \(3, 7, 16\)\)"):
+        get_adapter(model).penultimate({"input_ids": torch.randint(1, 100, (3, 7))})

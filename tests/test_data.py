@@ -289,3 +289,29 @@ def test_local_dataset_paths_that_cannot_work_are_clear(tmp_path):
         load_benchmark(str(tmp_path / "one_split"))
     with pytest.raises(DataValidationError, match="no such file or directory"):
         load_benchmark(str(tmp_path / "nowhere"))
+
+
+def test_image_arrays_of_every_common_layout_decode_like_the_pil_image():
+    from conftest import make_model
+    from PIL import Image
+
+    import torch
+
+    from hf_robust.preprocessing import ImagePreprocessing
+
+    _, processor = make_model("hf_resnet")
+    preprocessing = ImagePreprocessing.from_image_processor(processor)
+    size = preprocessing.size
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    reference = preprocessing.to_uint8([Image.fromarray(rgb)])
+    as_float = rgb.astype(np.float32) / 255.0  # [0, 1] floats (e.g. from a numpy pipeline)
+    for array in (rgb, as_float, rgb.transpose(2, 0, 1), as_float.transpose(2, 0, 1),
+                  np.concatenate([rgb, np.full((*size, 1), 255, np.uint8)], axis=-1)):
+        assert torch.equal(preprocessing.to_uint8([array]), reference), array.shape
+    gray = rgb[..., 0]
+    assert torch.equal(preprocessing.to_uint8([gray]), preprocessing.to_uint8([Image.fromarray(gray)]))
+    too_deep = np.zeros((*size, 3), np.int64)
+    too_deep[0, 0, 0] = 1000
+    with pytest.raises(ValueError, match=r"values in \[0, 1000\]"):
+        preprocessing.to_uint8([too_deep])

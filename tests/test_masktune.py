@@ -406,6 +406,19 @@ def test_selective_classifier_abstains_when_models_disagree():
     classifier = SelectiveClassifier(a, b)
     predictions = classifier.predict(threshold=0.5, pixel_values=torch.zeros(2, 1))
     assert predictions.tolist() == [0, -1]  # agree -> answer; disagree -> abstain
+    # models left in training mode (dropout on) still predict in evaluation mode, and get their mode back
+    class WithDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dropout, self.linear = nn.Dropout(0.9), nn.Linear(4, 2)
+
+        def forward(self, pixel_values):
+            return self.linear(self.dropout(pixel_values))
+
+    dropped = SelectiveClassifier(WithDropout(), WithDropout()).train()
+    x = torch.randn(64, 4)
+    first = dropped.predict(threshold=0.0, pixel_values=x)
+    assert torch.equal(first, dropped.predict(threshold=0.0, pixel_values=x)) and dropped.erm_model.dropout.training
 
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
@@ -429,3 +442,23 @@ def test_two_processes_compute_the_masks_of_one(distributed_runs):
     # stated tolerance: the fine-tuning epoch sees the same 32 examples per step (2 x 16 against 1 x 32), so the
     # weights agree up to float reassociation in the gradient all-reduce
     assert two["weights_sum"] == pytest.approx(one["weights_sum"], rel=1e-3)
+
+
+def test_text_masks_land_on_their_tokens_with_a_left_padding_tokenizer(tmp_path):
+    """Masks are stored by token position: the collator pads on the right whatever the tokenizer's default, so
+    a token's position does not depend on the other texts of the batch."""
+    from conftest import tiny_tokenizer
+
+    from hf_robust.masking import MaskStore
+    from hf_robust.preprocessing import GroupDataCollator
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    tokenizer.padding_side = "left"
+    rows = [{"text": "great", "label": 1, "example_idx": 0},
+            {"text": "great great great great great great", "label": 1, "example_idx": 1}]
+    collator = GroupDataCollator("text", tokenizer=tokenizer)
+    great = tokenizer.convert_tokens_to_ids("great")
+    ids = collator(rows)["input_ids"][0]  # the masking pass: example 0 beside a longer text
+    store = MaskStore(torch.stack([ids == great, torch.zeros_like(ids, dtype=torch.bool)]), torch.tensor([0, 1]))
+    alone = collator.with_options(example_transform=store.token_transform(tokenizer.mask_token_id))([rows[0]])
+    assert great not in alone["input_ids"][0].tolist() and tokenizer.mask_token_id in alone["input_ids"][0].tolist()

@@ -94,6 +94,21 @@ def test_save_model_evaluates_a_model_trained_since_its_last_evaluation(tmp_path
     assert isinstance(before, float)
 
 
+def test_a_given_augmenting_collator_augments_training_only(tmp_path, small_digits):
+    from hf_robust.preprocessing import GroupDataCollator, ImagePreprocessing
+
+    model, processor = make_model("hf_resnet")
+    collator = GroupDataCollator("image", ImagePreprocessing.from_image_processor(processor), augmentation="flip")
+    trainer = RobustTrainer(model, config(tmp_path), train_dataset=small_digits["train"],
+                            eval_dataset=small_digits["validation"], processing_class=processor, data_collator=collator)
+    assert (trainer.eval_collator.augmentation, trainer.train_collator.augmentation) == ("none", "flip")
+    rows = [small_digits["validation"][i] for i in range(8)]
+    assert torch.equal(trainer.eval_collator(rows)["pixel_values"], trainer.eval_collator(rows)["pixel_values"])
+    with pytest.raises(ValueError, match="augments with 'flip' but train_augmentation is 'crop_flip'"):
+        RobustTrainer(model, config(tmp_path, train_augmentation="crop_flip"), train_dataset=small_digits["train"],
+                      processing_class=processor, data_collator=collator)
+
+
 def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, small_digits):
     trainer = erm_trainer(tmp_path, small_digits, push_to_hub=True, hub_model_id="someone/robust-digits", max_steps=2)
     trainer.train()

@@ -215,12 +215,22 @@ class RobustTrainer(Trainer):
                 tokenizer=processing_class if self.input_kind != "image" else None,
                 max_length=args.max_length,
             )
+        if isinstance(data_collator, GroupDataCollator):
+            # evaluation, CAMs, masks and cached features never see augmentation; training gets the config's,
+            # or the one the given collator was built with
+            augmentation = args.train_augmentation
+            if data_collator.augmentation != "none":
+                if augmentation not in ("none", data_collator.augmentation):
+                    raise ValueError(
+                        f"The data_collator augments with {data_collator.augmentation!r} but train_augmentation is "
+                        f"{augmentation!r}: set one of them."
+                    )
+                augmentation = data_collator.augmentation
+            data_collator = data_collator.with_options(augmentation="none")
+            self.train_collator = data_collator.with_options(augmentation=augmentation)
+        else:
+            self.train_collator = data_collator
         self.eval_collator = data_collator
-        self.train_collator = (
-            data_collator.with_options(augmentation=args.train_augmentation)
-            if isinstance(data_collator, GroupDataCollator)
-            else data_collator
-        )
         super().__init__(
             model=model,
             args=args,

@@ -438,6 +438,7 @@ class LastLayerMixin:
                 f"{type(self).__name__} needs a config that mixes in LastLayerArguments, got "
                 f"{type(self.args).__name__}."
             )
+        self.adapter.require("linear_head")  # the head is read and rewritten as one linear layer
         if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
         split = self.args.heldout_split
@@ -466,7 +467,7 @@ class LastLayerMixin:
         else:
             from ..data.core import validate_group_dataset
 
-            num_labels = self.adapter.classifier.out_features
+            num_labels = self.adapter.linear_head.out_features
             kind = validate_group_dataset(heldout_dataset, "heldout_dataset", num_labels=num_labels)
             if kind != self.input_kind:
                 raise DataValidationError(
@@ -554,7 +555,7 @@ class LastLayerMixin:
         with torch.no_grad():
             features, logits = self.adapter.penultimate(inputs)
         labels = batch["labels"]
-        norms = last_layer_gradient_norms(features, logits, labels, bias=self.adapter.classifier.bias is not None)
+        norms = last_layer_gradient_norms(features, logits, labels, bias=self.adapter.linear_head.bias is not None)
         return {"features": features.float(), "logits": logits.float(), "norms": norms, "labels": labels,
                 "groups": batch["group"]}
 
@@ -634,7 +635,7 @@ class LastLayerMixin:
     # -- last layer
     def fit_sgd_head(self, data: LastLayerData, finetune_sets: torch.Tensor):
         """The shared head trainer on each fine-tuning set (heads averaged over sets), from the ERM head or zero."""
-        classifier = self.adapter.classifier
+        classifier = self.adapter.linear_head
         weight = classifier.weight.detach().cpu().float()
         bias = classifier.bias.detach().cpu().float() if classifier.bias is not None else None
         if self.args.reset_last_layer:
@@ -666,7 +667,7 @@ class LastLayerMixin:
         inverse regularisation C chosen on the model-selection half (worst-group accuracy with
         `dfr_balance='group'`, worst-class accuracy otherwise)."""
         heldout = data.rows(self.heldout_idx)
-        num_classes = self.adapter.classifier.out_features
+        num_classes = self.adapter.linear_head.out_features
         # the standardisation statistics are the held-out half's; subsets index into it
         subsets = torch.searchsorted(heldout, torch.stack([data.rows(s) for s in finetune_sets]))
         grid = list(self.args.dfr_regularization)
@@ -689,7 +690,7 @@ class LastLayerMixin:
         info = {"head": "logistic_l1", "C": best, "selection_scores": {str(c): s for c, s in scores.items()},
                 "selection_metric": "worst_group" if use_groups else "worst_class",
                 "train_seconds": round(time.perf_counter() - start, 3)}
-        return weight, bias if self.adapter.classifier.bias is not None else None, info
+        return weight, bias if self.adapter.linear_head.bias is not None else None, info
 
     def _run_last_layer(self, stage_dir: Path, resume: bool) -> None:
         data = self.last_layer_data
@@ -702,7 +703,7 @@ class LastLayerMixin:
                 "erm_worst_class_accuracy": worst_class_accuracy(data.logits[rows], data.labels[rows]),
                 "worst_class_accuracy": worst_class_accuracy(logits, data.labels[rows]),
             }
-        write_head(self.adapter.classifier, weight, bias)
+        write_head(self.adapter.linear_head, weight, bias)
         tensors = {"weight": weight}
         if bias is not None:
             tensors["bias"] = bias
@@ -712,7 +713,7 @@ class LastLayerMixin:
 
     def _load_last_layer(self, stage_dir: Path) -> None:
         head = self.load_stage_tensors(stage_dir, "head")
-        write_head(self.adapter.classifier, head["weight"], head.get("bias"))
+        write_head(self.adapter.linear_head, head["weight"], head.get("bias"))
         self.last_layer_info = self.load_stage_json(stage_dir, "last_layer")
 
     # -- report
