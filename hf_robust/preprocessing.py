@@ -93,13 +93,15 @@ class ImagePreprocessing:
 
         base = unwrap_model(model)
         config = getattr(base, "config", None)
-        wrapper = getattr(config, "model_type", None) == "timm_wrapper"
-        if wrapper:  # the timm model inside knows its own input size, which its pretrained_cfg may not
-            base = getattr(base, "timm_model", None) or base
-        if wrapper and not hasattr(base, "pretrained_cfg"):
+        if getattr(config, "model_type", None) == "timm_wrapper":
             import timm
 
-            return cls.from_timm_config(timm.data.resolve_data_config(dict(config.pretrained_cfg or {}), model=None, verbose=False))
+            data_config = timm.data.resolve_data_config(dict(config.pretrained_cfg or {}), model=None, verbose=False)
+            inner = getattr(base, "timm_model", None)
+            image_size = getattr(getattr(inner, "patch_embed", None), "img_size", None)
+            if image_size is not None:  # a timm ViT built for another resolution than its pretrained_cfg says
+                data_config["input_size"] = (3, *image_size)
+            return cls.from_timm_config(data_config)
         if hasattr(base, "pretrained_cfg"):
             import timm
 
