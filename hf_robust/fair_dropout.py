@@ -269,6 +269,14 @@ def inject_fair_dropout(model: nn.Module, config: FairDropoutConfig | None = Non
             f"{sorted(adapter.positions, key=_natural)}."
         )
     _, positions = _positions(base, names)
+    if base is not model and hasattr(model, "peft_config"):
+        added = [name for name, position in positions.items() if position.projection]
+        if added:  # peft saves its adapters and modules_to_save, not a layer added after it wrapped the model
+            raise UnsupportedModelError(
+                f"FairDropout at {added} adds a new trained projection, which a peft model would not save (only "
+                "its adapters and modules_to_save are). On a peft model use a position without one (e.g. "
+                f"{[n for n in sorted(adapter.positions, key=_natural) if not adapter.positions[n].projection]})."
+            )
     modules = FairDropoutModules(FairDropoutConfig(**{**config.to_dict(), "positions": names}))
     for name, position in positions.items():
         modules.layers[name] = FairDropout(config.p_gen, config.p_mem, position.layout,

@@ -174,7 +174,7 @@ def _rgb_uint8(image) -> np.ndarray:
     """A PIL image or an array as (H, W, 3) uint8. Arrays: (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4
     (alpha dropped); floats are read as [0, 1] when at most 1, else as [0, 255]."""
     if hasattr(image, "convert"):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.array(image.convert("RGB"), dtype=np.uint8)
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # channels first

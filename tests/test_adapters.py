@@ -184,3 +184,26 @@ def test_a_per_token_classifier_is_refused_not_misread():
                                                      num_labels=2, pad_token_id=0)).eval()
     with pytest.raises(UnsupportedModelError, match=r"runs on every token \(features of shape \(3, 7, 16\)\)"):
         get_adapter(model).penultimate({"input_ids": torch.randint(1, 100, (3, 7))})
+
+
+def test_wrapped_timm_models_reload_with_from_pretrained(tmp_path, caplog):
+    import timm
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageClassification
+
+    x = torch.randn(2, 3, 32, 32)
+    vit, _ = make_model("timm_vit")  # its img_size=32 is found by itself, the other arguments must be told
+    vit_args = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    resnet, _ = make_model("timm_resnet")  # built with channels=(8, 16, 32, 32)
+    for name, raw, model_args in [("vit", vit, vit_args), ("resnet", resnet, {"channels": [8, 16, 32, 32]})]:
+        wrapped = maybe_wrap_timm(raw, model_args=model_args).eval()
+        wrapped.save_pretrained(tmp_path / name)
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / name).eval()
+        assert torch.equal(reloaded(pixel_values=x).logits, wrapped(pixel_values=x).logits), name
+    with caplog.at_level("WARNING"):
+        maybe_wrap_timm(make_model("timm_resnet")[0])  # without its channels: a warning, not a silent bad reload
+    assert "will not reload with from_pretrained" in caplog.text
+    lora = get_peft_model(timm.create_model("resnet18", pretrained=False, num_classes=2),
+                          LoraConfig(target_modules=["conv1"], modules_to_save=["fc"], r=2))
+    with pytest.raises(UnsupportedModelError, match="peft was applied to a raw timm model"):
+        maybe_wrap_timm(lora)

@@ -315,3 +315,16 @@ def test_image_arrays_of_every_common_layout_decode_like_the_pil_image():
     too_deep[0, 0, 0] = 1000
     with pytest.raises(ValueError, match=r"values in \[0, 1000\]"):
         preprocessing.to_uint8([too_deep])
+
+
+def test_attribute_missing_from_one_split_gives_it_unknown_groups_under_the_same_names():
+    for attribute in ([1, 0, 1], ["sea", "land", "sea"]):
+        data = DatasetDict({
+            "train": Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 1], "place": attribute}),
+            "test": Dataset.from_dict({"text": ["d", "e"], "label": [1, 0]}),  # no attribute column
+        })
+        for order in (("train", "test"), ("test", "train")):  # the split without it first, too
+            ds = as_group_dataset(DatasetDict({k: data[k] for k in order}), attribute_column="place")
+            assert ds["test"]["group"] == [-1, -1]
+            assert ds["test"].features["group"].names == ds["train"].features["group"].names
+            assert len(ds["train"].features["group"].names) == 4 and min(ds["train"]["group"]) >= 0

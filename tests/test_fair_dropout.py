@@ -551,3 +551,17 @@ def test_two_processes_train_within_tolerance(distributed_runs):
     np.testing.assert_allclose(np.asarray(two["params"]), np.asarray(one["params"]), atol=1e-3)
     key = "eval_validation_accuracy"
     assert abs(two["eval"][key] - one["eval"][key]) <= 1 / 61 + 1e-9
+
+
+def test_a_projection_position_on_a_peft_model_is_refused():
+    """peft saves adapters and modules_to_save only: a trained `fc` projection added after it would be lost."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_robust.adapters import unwrap_model
+
+    model, _ = make_model("hf_bert")
+    lora = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=4))
+    with pytest.raises(UnsupportedModelError, match=r"\['fc'\] adds a new trained projection.*\['pooled'\]"):
+        inject_fair_dropout(lora, FairDropoutConfig(positions=["fc"]))
+    inject_fair_dropout(lora, FairDropoutConfig(positions=["pooled"]))
+    assert fair_dropout_modules(unwrap_model(lora)) is not None

@@ -240,6 +240,21 @@ def test_dfr_logistic_head_equals_scikit_learn_pipeline():
     np.testing.assert_allclose((ours[:, 1] - ours[:, 0]).numpy(), decision, rtol=1e-4, atol=1e-4)
 
 
+def test_dfr_logistic_head_ignores_features_that_vary_only_by_rounding_noise():
+    """A dropped FairDropout neuron or a dead unit reads 0 up to float32 noise: standardising it by its ~1e-9
+    spread used to fold weights of ~1e8 into the head, and predictions then depended on rounding."""
+    features, labels = toy_problem(n=120, dim=5)
+    # ~0 and ~3 with a rounding-level spread that happens to follow the label (as a dropped neuron's can)
+    tiny = (labels.float()[:, None] * 2 - 1) * 1e-9 + torch.randn(120, 1, generator=torch.Generator().manual_seed(1)) * 1e-10
+    noisy = torch.cat([features, tiny, 3.0 + tiny * 1e2], dim=1)
+    subset = torch.arange(0, 120, 2)[None]
+    weight, bias = fit_logistic_l1(noisy, labels, subset, C=0.3, num_classes=2)
+    clean_weight, clean_bias = fit_logistic_l1(features, labels, subset, C=0.3, num_classes=2)
+    assert weight.abs().max() < 100 and bias.abs().max() < 100
+    np.testing.assert_allclose((noisy @ weight.T + bias).numpy(), (features @ clean_weight.T + clean_bias).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the trainers
 def gt_trainer(tmp_path, data, family="timm_wrapper_resnet", name="gt", **kwargs):
     model, processor = make_model(family)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_model, one_and_two_process_runs, quick_config
 from torch import nn
 
-from hf_robust.adapters import get_adapter
+from hf_robust.adapters import UnsupportedModelError, get_adapter
 from hf_robust.cam import threshold_masks, token_attributions, xgradcam
 from hf_robust.data import DataValidationError
 from hf_robust.masking import MaskStore, pack_bits, unpack_bits
@@ -390,6 +390,13 @@ def test_selective_ensemble_and_calibration():
     correct = (pred == labels).float()
     top2 = conf.argsort(descending=True)[:2]
     assert report["test"]["risk_at_50"] == pytest.approx(1 - correct[top2].mean().item())
+
+
+def test_a_cam_that_cannot_localise_is_refused_before_training(tmp_path, small_digits):
+    model, processor = make_model("hf_resnet")  # its last stage is 1x1 at 32x32
+    with pytest.raises(UnsupportedModelError, match=r"gives a 1x1 map for \(32, 32\) inputs"):
+        MaskTuneTrainer(model, quick_config(MaskTuneConfig, tmp_path), train_dataset=small_digits["train"],
+                        processing_class=processor)
 
 
 def test_selective_classifier_abstains_when_models_disagree():

@@ -92,6 +92,8 @@ def test_save_model_evaluates_a_model_trained_since_its_last_evaluation(tmp_path
     accuracy = (predictions == np.asarray(small_digits["validation"]["label"])).mean()
     assert results["splits"]["validation"]["accuracy"] == pytest.approx(accuracy)
     assert isinstance(before, float)
+    trainer.save_model(str(tmp_path / "final"))  # elsewhere: the card loads that folder
+    assert 'from_pretrained("final")' in (tmp_path / "final" / "README.md").read_text()
 
 
 def test_a_given_augmenting_collator_augments_training_only(tmp_path, small_digits):
@@ -337,3 +339,15 @@ def test_bad_inputs_are_refused_before_training(tmp_path, small_digits, text_dat
 def test_metric_module_is_the_trainers_metric(tmp_path, small_digits):
     trainer = erm_trainer(tmp_path, small_digits)
     assert trainer.metric.name == load_metric().name == "worst_group_accuracy"
+
+
+def test_results_file_is_standard_json(tmp_path):
+    from hf_robust.trainer.base_trainer import atomic_write_json
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    atomic_write_json(tmp_path / "r.json", {"worst_group_accuracy": float("nan"), "x": [np.float32(0.5), np.inf]},
+                      strict=True)
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == {
+        "worst_group_accuracy": None, "x": [0.5, None]}

@@ -62,12 +62,15 @@ def _encode_string_columns(dataset: DatasetDict, columns: Sequence[str | None]) 
     """String class columns as one ClassLabel (sorted names) shared by every split, so that a class has the same
     index in train and test."""
     for column in columns:
-        first = next(iter(dataset.values()))
-        feature = first.features.get(column) if column else None
+        having = [split for split in dataset.values() if column and column in split.column_names]
+        feature = having[0].features.get(column) if having else None
         if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
             continue
-        names = sorted(set().union(*(set(split[column]) for split in dataset.values())))
-        dataset = DatasetDict({k: split.cast_column(column, ClassLabel(names=names)) for k, split in dataset.items()})
+        names = sorted(set().union(*(set(split[column]) for split in having)))
+        dataset = DatasetDict({
+            k: split.cast_column(column, ClassLabel(names=names)) if column in split.column_names else split
+            for k, split in dataset.items()
+        })
     return dataset
 
 
@@ -108,15 +111,17 @@ def as_group_dataset(
         if label_names is None and not isinstance(first.features.get(label_column), ClassLabel):
             top = max(int(np.max(split[label_column])) for split in dataset.values() if len(split))
             label_names = [f"class_{i}" for i in range(top + 1)]
-        if (
-            attribute_names is None
-            and attribute_column is not None
-            and attribute_column in first.column_names
-            and not isinstance(first.features.get(attribute_column), ClassLabel)
-        ):
-            values = [np.asarray(split[attribute_column]) for split in dataset.values() if len(split)]
-            top = max(int(v.astype(np.int64).max()) for v in values)
-            attribute_names = [f"attribute_{i}" for i in range(top + 1)]
+        # the attribute names come from the splits that have the column; a split without it gets group -1
+        # under the same group names as the others
+        with_attribute = [s for s in dataset.values() if attribute_column is not None and attribute_column in s.column_names]
+        if attribute_names is None and with_attribute:
+            feature = with_attribute[0].features.get(attribute_column)
+            if isinstance(feature, ClassLabel):
+                attribute_names = list(feature.names)
+            else:
+                values = [np.asarray(s[attribute_column]).astype(np.int64) for s in with_attribute if len(s)]
+                top = max((int(v.max()) for v in values), default=-1)
+                attribute_names = [f"attribute_{i}" for i in range(top + 1)]
         return DatasetDict(
             {
                 name: as_group_dataset(

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, SequentialSampler, WeightedRandomSample
 from transformers import Trainer
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint
 
-from ..adapters import EXAMPLE_IDX_FLAG, get_adapter, unwrap_model
+from ..adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter, unwrap_model
 from ..data.core import DataValidationError, group_names, validate_group_dataset
 from ..preprocessing import GroupDataCollator, ImagePreprocessing
 from .base_config import RobustConfig
@@ -68,8 +68,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=False, default=_json_default).encode())
+def atomic_write_json(path: Path, obj, strict: bool = False) -> None:
+    """`strict`: standard JSON, an undefined value (NaN, e.g. the worst group of data without groups) as null."""
+    if strict:
+        obj = _finite_or_none(obj)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=not strict)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _json_default(value):
@@ -102,23 +116,63 @@ def frozen_norm_statistics(model: nn.Module):
             layer.training = mode
 
 
-def maybe_wrap_timm(model: nn.Module) -> nn.Module:
+def maybe_wrap_timm(model: nn.Module, model_args: dict | None = None) -> nn.Module:
     """A raw timm classifier -> transformers' TimmWrapperForImageClassification around the same module, so it
-    takes `pixel_values`/`labels`, computes its loss and saves/loads like any transformers model."""
+    takes `pixel_values`/`labels`, computes its loss and saves/loads like any transformers model.
+
+    `model_args`: the keyword arguments the timm model was created with beyond its architecture's defaults
+    (saved in the config, so that `from_pretrained` rebuilds the same model); a ViT's `img_size` is found by
+    itself. A model that `from_pretrained` would not rebuild gets a warning naming what differs."""
+    if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        if base is not None and not hasattr(base, "config") and hasattr(base, "pretrained_cfg"):
+            raise UnsupportedModelError(
+                "peft was applied to a raw timm model: its saved folder would not load with from_pretrained. Wrap "
+                "the timm model first, then apply peft: get_peft_model(maybe_wrap_timm(timm_model), lora_config) "
+                "(maybe_wrap_timm from hf_robust.trainer.base_trainer)."
+            )
     if hasattr(model, "config") or not (hasattr(model, "pretrained_cfg") and hasattr(model, "forward_head")):
         return model
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
     pretrained_cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k != "num_classes"}
+    architecture = pretrained_cfg.get("architecture", type(model).__name__.lower())
+    model_args = dict(model_args or {})
+    image_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if image_size is not None and "img_size" not in model_args:
+        model_args["img_size"] = list(image_size)
     config = TimmWrapperConfig(
-        architecture=pretrained_cfg.get("architecture", type(model).__name__.lower()),
-        num_labels=model.num_classes,
-        pretrained_cfg=pretrained_cfg,
+        architecture=architecture, num_labels=model.num_classes, pretrained_cfg=pretrained_cfg,
+        model_args=model_args or None,
     )
+    _warn_if_not_rebuilt(model, architecture, model_args)
     with torch.device("meta"):
         wrapper = TimmWrapperForImageClassification(config)
     wrapper.timm_model = model
     return wrapper
+
+
+def _warn_if_not_rebuilt(model: nn.Module, architecture: str, model_args: dict) -> None:
+    """Warn when `timm.create_model(architecture, **model_args)` has other parameter shapes than `model`."""
+    import logging
+
+    import timm
+
+    try:
+        with torch.device("meta"):
+            rebuilt = timm.create_model(architecture, pretrained=False, num_classes=model.num_classes, **model_args)
+    except Exception as error:  # an architecture timm does not register under that name
+        logging.getLogger(__name__).warning("timm cannot rebuild %r (%s): the saved model may not reload.", architecture, error)
+        return
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if mine != theirs:
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))[:3]
+        logging.getLogger(__name__).warning(
+            "This timm model differs from timm.create_model(%r, **%s) (e.g. %s): the saved folder will not reload "
+            "with from_pretrained. Pass the arguments it was created with: maybe_wrap_timm(model, model_args={...}), "
+            "or wrap it yourself in TimmWrapperForImageClassification.", architecture, model_args, differ,
+        )
 
 
 class EpochSeededWeightedSampler(WeightedRandomSampler):
@@ -413,9 +467,9 @@ class RobustTrainer(Trainer):
             plot_group_accuracies(runs, output_dir / "plots" / "group_accuracy.png", title=self.dataset_name)
             plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
         results = self.results()
-        card = self.create_model_card_object(results, plot_files)
+        card = self.create_model_card_object(results, plot_files, output_dir=output_dir)
         atomic_write_bytes(output_dir / "README.md", str(card).encode())
-        atomic_write_json(output_dir / RESULTS_NAME, results)  # last: its presence marks a finished report
+        atomic_write_json(output_dir / RESULTS_NAME, results, strict=True)  # last: marks a finished report
 
     def method_hyperparameters(self) -> dict:
         """Hyperparameters shown in the model card: the method's own config fields and the main training ones."""
@@ -437,11 +491,14 @@ class RobustTrainer(Trainer):
         auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
         return f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo}")'
 
-    def create_model_card_object(self, results: dict | None = None, plot_files: list[str] | None = None):
+    def create_model_card_object(
+        self, results: dict | None = None, plot_files: list[str] | None = None, output_dir: str | Path | None = None
+    ):
+        """The model card of the model saved in `output_dir` (default: the run's output_dir)."""
         from ..modelcard import build_model_card
 
         results = results or self.results()
-        repo = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        repo = self.args.hub_model_id or Path(output_dir or self.args.output_dir).absolute().name
         usage = self.usage_snippet(repo)
         baseline = next(iter(self.stage_results), None)
         return build_model_card(

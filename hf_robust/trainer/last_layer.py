@@ -348,7 +348,9 @@ def fit_logistic_l1(
     x = torch.as_tensor(features, dtype=torch.float64).cpu().numpy()
     y = torch.as_tensor(labels).cpu().numpy()
     mean, std = x.mean(0), x.std(0)
-    std[std == 0] = 1.0
+    # constant features, and features whose spread is float32 rounding noise (next to their own size or to the
+    # widest feature's spread), are not scaled up: 1/std would blow the folded-back head up to ~1e8
+    std[(std <= 1e-6 * np.abs(mean)) | (std <= 1e-6 * std.max(initial=0.0))] = 1.0
     x = (x - mean) / std
     penalty = {"l1_ratio": 1.0} if _sklearn_l1_ratio() else {"penalty": "l1"}
     coefs, intercepts = [], []

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapters import UnsupportedModelError
 from ..cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
 from ..data.core import DataValidationError
 from ..masking import MaskStore
@@ -43,6 +44,12 @@ def image_masks(model, adapter, pixel_values: torch.Tensor, k: float = 2.0) -> t
             f"Image masking needs pixel_values of shape (B, C, H, W); got a tensor of shape {tuple(pixel_values.shape)}."
         )
     cam, _ = xgradcam(model, adapter, {"pixel_values": pixel_values})
+    if cam.shape[-2] * cam.shape[-1] == 1:
+        raise UnsupportedModelError(
+            f"The CAM layer of {type(adapter.model).__name__} gives a 1x1 map for {tuple(pixel_values.shape[-2:])} "
+            "inputs: it cannot point at any region, so MaskTune would mask nothing. Use larger inputs (e.g. the "
+            "model's pre-training resolution) or cam_target_layer= an earlier layer with a larger map."
+        )
     return threshold_masks(cam_at_input_size(cam, tuple(pixel_values.shape[-2:])), k)
 
 
@@ -104,6 +111,9 @@ class MaskTuneTrainer(RobustTrainer):
                 )
         if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
+        if self.input_kind == "image":  # a CAM that cannot localise (a 1x1 map) fails here, not after ERM
+            batch = self.eval_collator([self.train_dataset[0]])
+            image_masks(self.adapter.model, self.adapter, batch["pixel_values"].to(self.args.device), self.args.mask_threshold_std)
         self.masks: MaskStore | None = None
         self.finetune_learning_rate: float | None = None
         self.selective_results: dict = {}
