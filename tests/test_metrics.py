@@ -86,3 +86,12 @@ def test_loads_offline_by_absolute_path():
 def test_unknown_metric_name_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no metric 'nope'"):
         metric_path("nope")
+
+
+def test_probabilities_are_refused_and_groups_may_be_left_out(metric):
+    with pytest.raises(ValueError, match=r"predictions must be class indices; got non-integer floats such as \[0.9\]"):
+        metric.compute(predictions=[0.9, 1.0], references=[1, 1], groups=[0, 1])
+    assert metric.compute(predictions=[1.0, 0.0], references=[1, 1], groups=[0, 1])["accuracy"] == 0.5
+    result = metric.compute(predictions=[1, 0, 1], references=[1, 1, 0])  # no groups: classes only
+    assert result["worst_class_accuracy"] == 0.0 and result["accuracy"] == pytest.approx(1 / 3)
+    assert math.isnan(result["worst_group_accuracy"])

@@ -54,6 +54,18 @@ def test_erm_evaluates_every_split_by_worst_group(tmp_path, small_digits):
     assert sum(g["count"] for g in report["groups"].values()) == len(small_digits["validation"])
 
 
+def test_evaluation_loss_is_the_mean_cross_entropy_of_the_split(tmp_path, small_digits):
+    trainer = erm_trainer(tmp_path, small_digits, per_device_eval_batch_size=7)  # an uneven last batch
+    metrics = trainer.evaluate()
+    data = small_digits["validation"]
+    model = trainer.model.eval()
+    batch = trainer.eval_collator([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        logits = model(pixel_values=batch["pixel_values"]).logits
+    expected = torch.nn.functional.cross_entropy(logits.double(), torch.as_tensor(data["label"])).item()
+    assert metrics["eval_validation_loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_save_model_writes_model_results_plot_and_card(tmp_path, small_digits):
     from huggingface_hub import ModelCard
     from transformers import AutoModelForImageClassification

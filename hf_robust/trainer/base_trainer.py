@@ -356,6 +356,10 @@ class RobustTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**self.model_inputs(inputs))
         loss = outputs["loss"].detach() if outputs.get("loss") is not None else None
+        if not prediction_loss_only and self.compute_metrics == self._compute_group_metrics:
+            # the loss is computed there from the gathered logits: exact under N processes, where a batch mean
+            # taken here would count the duplicates that pad the last batch
+            loss = None
         return loss, None if prediction_loss_only else outputs["logits"].detach(), meta
 
     def get_train_dataloader(self) -> DataLoader:
@@ -394,9 +398,14 @@ class RobustTrainer(Trainer):
         labels, groups, _ = eval_pred.label_ids
         logits = eval_pred.predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
-        return self.metric.compute(
+        metrics = self.metric.compute(
             predictions=np.asarray(logits).argmax(-1), references=np.asarray(labels), groups=np.asarray(groups)
         )
+        if len(labels):  # the mean cross-entropy over every example once (see prediction_step)
+            log_probs = torch.as_tensor(np.asarray(logits), dtype=torch.float64).log_softmax(-1)
+            targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+            metrics["loss"] = float(-log_probs.gather(1, targets[:, None]).mean())
+        return metrics
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

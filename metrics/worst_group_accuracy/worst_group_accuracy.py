@@ -54,6 +54,23 @@ def _accuracy_by(keys: np.ndarray, correct: np.ndarray, size: int) -> tuple[np.n
     return counts, np.divide(hits, counts, out=np.full(size, np.nan), where=counts > 0)
 
 
+def _checked(predictions, references, groups):
+    """Class indices as they are (a float that is not a whole number, e.g. a probability, is an error: the int64
+    features would truncate it silently); groups=None means unknown groups (-1)."""
+    for name, values in (("predictions", predictions), ("references", references)):
+        if values is None:
+            continue
+        array = np.asarray(values)
+        if array.dtype.kind == "f" and array.size and not np.array_equal(array, np.round(array)):
+            raise ValueError(
+                f"{name} must be class indices; got non-integer floats such as {array[array != np.round(array)][:3].tolist()} "
+                "(pass logits.argmax(-1), not probabilities)."
+            )
+    if groups is None and predictions is not None:
+        groups = [-1] * len(predictions)
+    return predictions, references, groups
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class WorstGroupAccuracy(evaluate.Metric):
     def _info(self):
@@ -72,6 +89,18 @@ class WorstGroupAccuracy(evaluate.Metric):
             ),
             reference_urls=["https://arxiv.org/abs/1911.08731", "https://wilds.stanford.edu"],
         )
+
+    def add_batch(self, *, predictions=None, references=None, groups=None, **kwargs):
+        """Add a batch of predictions, references and groups (groups=None: unknown, -1)."""
+        predictions, references, groups = _checked(predictions, references, groups)
+        return super().add_batch(predictions=predictions, references=references, groups=groups, **kwargs)
+
+    def compute(self, *, predictions=None, references=None, groups=None, **kwargs):
+        """Compute the metrics (of these inputs, or of the batches added so far)."""
+        if predictions is None and references is None and groups is None:  # after add_batch()
+            return super().compute(**kwargs)
+        predictions, references, groups = _checked(predictions, references, groups)
+        return super().compute(predictions=predictions, references=references, groups=groups, **kwargs)
 
     def _compute(self, predictions, references, groups, group_weights=None, num_groups=None):
         predictions = np.asarray(predictions, dtype=np.int64)
