@@ -209,8 +209,9 @@ def _text_features(clip_model, tokenizer, texts: list[str], batch_size: int) -> 
     max_length = clip_model.config.text_config.max_position_embeddings
     chunks = []
     for start in range(0, len(texts), batch_size):
+        # right padding: CLIP's text tower pools at the first end-of-text token and uses absolute positions
         tokens = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt").to(device)
+                           return_tensors="pt", padding_side="right").to(device)
         out = clip_model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
         chunks.append(out if torch.is_tensor(out) else out.pooler_output)
     return torch.cat(chunks)

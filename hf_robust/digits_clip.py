@@ -101,13 +101,22 @@ def _image_processor(size: int):
 
 
 def pretrain_digits_clip(settings: dict | None = None, log_every: int = 0):
-    """(CLIPModel, tokenizer, image processor) trained contrastively on unbiased digits (see the module doc)."""
+    """(CLIPModel, tokenizer, image processor) trained contrastively on unbiased digits (see the module doc), on
+    one thread: float reductions differ with the thread count, and the teacher should be the same anywhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain({**PRETRAIN_SETTINGS, **(settings or {})}, log_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(s: dict, log_every: int):
     from transformers import CLIPModel
 
     from .data import load_benchmark
     from .preprocessing import ImagePreprocessing
 
-    s = {**PRETRAIN_SETTINGS, **(settings or {})}
     data = load_benchmark("biased_digits", seed=PRETRAIN_DATA_SEED, majority_fraction=0.5, minority_fraction=0.5,
                           train_copies=s["train_copies"])["train"]
     tokenizer = word_tokenizer(_vocabulary())
@@ -161,9 +170,15 @@ def digits_clip_path(cache_dir: str | os.PathLike | None = None) -> Path:
     from filelock import FileLock
     from huggingface_hub.constants import HF_HOME
 
-    # the recipe is the key: settings, prompts and the code that trains (not the rest of this file)
+    from .data import embedded
+
+    # the recipe is the key: settings, prompts, constants and the code that makes the data and trains (not the
+    # rest of this file, whose edits change no weight)
     recipe = {"settings": PRETRAIN_SETTINGS, "templates": DIGIT_TEMPLATES, "data_seed": PRETRAIN_DATA_SEED,
-              "code": [inspect.getsource(f) for f in (pretrain_digits_clip, digits_clip_config, word_tokenizer)]}
+              "words": DIGIT_WORDS, "mean": CLIP_MEAN, "std": CLIP_STD,
+              "code": [inspect.getsource(f) for f in (pretrain_digits_clip, _pretrain, digits_clip_config, word_tokenizer,
+                                                       _vocabulary, _image_processor, embedded.make_biased_digits,
+                                                       embedded._render_digits)]}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else Path(HF_HOME) / "hf_robust" / "models"
     target = root / f"digits-clip-{key}"
@@ -177,6 +192,9 @@ def digits_clip_path(cache_dir: str | os.PathLike | None = None) -> Path:
         with torch.random.fork_rng(devices=[]):
             model, tokenizer, processor = pretrain_digits_clip()
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".digits-clip-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared HF_HOME's copy from other users
         try:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))

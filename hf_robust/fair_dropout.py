@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, _natural, active_module, get_adapter, unwrap_model
-from .layers.fair_dropout import FairDropout, position_seed
+from .layers.fair_dropout import FairDropout, num_generalising, position_seed
 
 CONFIG_NAME = "fair_dropout_config.json"
 ATTRIBUTE = "fair_dropout"
@@ -98,6 +98,9 @@ class FairDropoutConfig:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_NAME}.")
         with os.fdopen(fd, "w") as handle:
             json.dump(self.to_dict(), handle, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a normally created file (mkstemp makes it owner-only)
         os.replace(tmp, folder / CONFIG_NAME)  # atomic: a checkpoint never holds half a config
 
     @classmethod
@@ -277,6 +280,10 @@ def inject_fair_dropout(model: nn.Module, config: FairDropoutConfig | None = Non
                 "its adapters and modules_to_save are). On a peft model use a position without one (e.g. "
                 f"{[n for n in sorted(adapter.positions, key=_natural) if not adapter.positions[n].projection]})."
             )
+    for name, position in positions.items():  # a layer with no generalising neuron fails here, not at evaluation
+        dim = position.num_features or (active_module(position.module).in_features if position.projection else None)
+        if dim:
+            num_generalising(dim, config.p_gen)
     modules = FairDropoutModules(FairDropoutConfig(**{**config.to_dict(), "positions": names}))
     for name, position in positions.items():
         modules.layers[name] = FairDropout(config.p_gen, config.p_mem, position.layout,

@@ -26,6 +26,13 @@ def interpolate_state_dicts(zero_shot: dict, fine_tuned: dict, alpha: float) -> 
             f"WiSE-FT needs two models of the same architecture: keys only in the fine-tuned model {missing[:5]}, "
             f"only in the zero-shot model {extra[:5]}."
         )
+    lora = [key for key in fine_tuned if ".lora_A." in key or ".lora_B." in key]
+    if lora:  # lerp'ing A and B apart gives W0 + B1((1 - a) A0 + a A1) s, not the mix of the two weights
+        raise ValueError(
+            f"WiSE-FT of LoRA state dicts ({lora[0]!r}, ...) would interpolate A and B separately, which is not the "
+            "interpolation of the weights: merge the adapters first (peft's merge_and_unload), or call wise_ft() "
+            "with the peft models, which merges copies of them."
+        )
     mixed = {}
     for key, tuned in fine_tuned.items():
         start = zero_shot[key]
@@ -42,8 +49,17 @@ def interpolate_state_dicts(zero_shot: dict, fine_tuned: dict, alpha: float) -> 
 
 
 def wise_ft(zero_shot_model: nn.Module, fine_tuned_model: nn.Module, alpha: float = 0.5) -> nn.Module:
-    """A new model (a copy of `fine_tuned_model`) with weights (1 - alpha) * zero-shot + alpha * fine-tuned."""
+    """A new model (a copy of `fine_tuned_model`) with weights (1 - alpha) * zero-shot + alpha * fine-tuned.
+    peft (LoRA) models are merged first (on copies): the result is then the merged base model."""
+    zero_shot_model, fine_tuned_model = _merged(zero_shot_model), _merged(fine_tuned_model)
     mixed = interpolate_state_dicts(zero_shot_model.state_dict(), fine_tuned_model.state_dict(), alpha)
     model = copy.deepcopy(fine_tuned_model)
     model.load_state_dict(mixed)
+    return model
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A merged copy of a peft model (adapters folded into the weights); any other model as it is."""
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        return copy.deepcopy(model).merge_and_unload()
     return model

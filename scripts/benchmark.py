@@ -174,8 +174,10 @@ BENCHMARKS = {"erm": benchmark_erm, "masktune": benchmark_masktune, "gradtune": 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(BENCHMARKS), help=f"comma-separated, from {list(BENCHMARKS)}")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds of the quality runs")
+    parser.add_argument("--output", default=str(RESULTS),
+                        help="results file, updated in place (method by method); default: the tracked "
+                             "scripts/benchmark_results.json — pass another path for a trial run")
     parser.add_argument("--timing_only", action="store_true",
                         help=f"re-measure only the speed ratios (methods {list(TIMINGS)}), keep the quality results")
     args = parser.parse_args()

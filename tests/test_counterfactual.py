@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import make_model, one_and_two_process_runs, quick_config
 from counterfactual_helpers import CLASS_NAMES, tiny_clip, tiny_clip_classifier
 from datasets import DatasetDict
+from torch import nn
 
 from hf_robust.adapters import UnsupportedModelError, get_adapter
 from hf_robust.clip import CLIPZeroShotClassifier, load_clip_zero_shot, zero_shot_weights
@@ -466,8 +467,14 @@ def test_digits_teacher_is_trained_once_and_cached(tmp_path, monkeypatch):
     assert first == second and len(calls) == 1
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json"} <= set(os.listdir(first))
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [first.name]  # no half-written folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others as any folder (not mkdtemp's 0700)
     model, _ = digits_clip.load_digits_clip(["digit 0-4", "digit 5-9"], cache_dir=tmp_path)
     assert model.config.class_names == CLASS_NAMES and model.config.id2label == {0: "digit 0-4", 1: "digit 5-9"}
+    # the key covers what the teacher learns from (here its class words): other words, another teacher
+    monkeypatch.setattr(digits_clip, "DIGIT_WORDS", [*digits_clip.DIGIT_WORDS[:-1], "nein"])
+    assert digits_clip.digits_clip_path(tmp_path) != first and len(calls) == 2
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -527,3 +534,40 @@ def test_digits_teacher_pretraining_runs_contrastively_on_unbiased_digits(digits
     assert isinstance(model, CLIPModel) and not model.training
     assert all(len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1 for word in DIGIT_WORDS)
     assert processor.crop_size == {"height": 32, "width": 32}
+
+
+def test_wise_ft_of_lora_models_interpolates_the_merged_weights():
+    """lerp'ing LoRA's A and B apart is not the mix of the weights: wise_ft merges copies first."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_robust import wise_ft
+    from hf_robust.weight_ensembles import interpolate_state_dicts
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    config = LoraConfig(target_modules=["0"], r=2, init_lora_weights=False)
+    zero_shot = get_peft_model(copy.deepcopy(base), config)
+    tuned = get_peft_model(copy.deepcopy(base), config)  # another random A, B: as if trained
+    merged_zs, merged_ft = copy.deepcopy(zero_shot).merge_and_unload(), copy.deepcopy(tuned).merge_and_unload()
+    mixed = wise_ft(zero_shot, tuned, 0.5)
+    expected = 0.5 * merged_zs[0].weight + 0.5 * merged_ft[0].weight
+    torch.testing.assert_close(mixed[0].weight, expected)
+    with pytest.raises(ValueError, match="interpolate A and B separately"):
+        interpolate_state_dicts(zero_shot.state_dict(), tuned.state_dict(), 0.5)
+
+
+def test_trainer_without_args_uses_the_default_config(tmp_path, clip_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output folder
+    model, processor = tiny_clip_classifier(seed=0)
+    trainer = CounterfactualDistillTrainer(model, train_dataset=clip_data["train"].select(range(8)),
+                                           processing_class=processor)
+    assert trainer.args.mask_strategy == "object" and trainer.args.distill_weight == 30.0
+
+
+def test_zero_shot_head_does_not_depend_on_the_tokenizer_padding_side():
+    """CLIP's text tower pools at the first end-of-text token (its pad token) and uses absolute positions."""
+    clip, tokenizer, _ = tiny_clip()
+    right = zero_shot_weights(clip, tokenizer, CLASS_NAMES, templates=["a photo of {}.", "{}"])
+    tokenizer.padding_side = "left"
+    left = zero_shot_weights(clip, tokenizer, CLASS_NAMES, templates=["a photo of {}.", "{}"])
+    torch.testing.assert_close(left, right)

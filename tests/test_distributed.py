@@ -52,3 +52,23 @@ def test_training_lands_within_tolerance(runs):
     for split, size in (("validation", 101), ("test_biased", 78)):
         key = f"eval_{split}_accuracy"
         assert abs(two["eval_after"][key] - one["eval_after"][key]) <= 1 / size + 1e-9
+
+
+BN_SCRIPT = Path(__file__).parent / "scripts" / "batchnorm_distributed.py"
+
+
+@pytest.fixture(scope="module")
+def bn_runs(tmp_path_factory, digits):
+    return one_and_two_process_runs(BN_SCRIPT, tmp_path_factory.mktemp("bn_dist"))
+
+
+@pytest.mark.distributed
+def test_batchnorm_is_computed_over_the_global_batch(bn_runs):
+    """2 x 16 examples per step with BatchNorm statistics over all 32 (hf_robust.sync_norm, on gloo) train the
+    one-process model: parameters and running statistics to 1e-3 after 8 steps at lr 1e-2 (with per-process
+    statistics two thirds of the parameters were off, by up to 0.08)."""
+    one, two = bn_runs
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert "SyncedBatchNorm2d" in two["norm_classes"] and "SyncedBatchNorm2d" not in one["norm_classes"]
+    np.testing.assert_allclose(two["params"], one["params"], atol=1e-3)
+    np.testing.assert_allclose(two["running"], one["running"], rtol=1e-3, atol=1e-3)

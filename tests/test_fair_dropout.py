@@ -565,3 +565,12 @@ def test_a_projection_position_on_a_peft_model_is_refused():
         inject_fair_dropout(lora, FairDropoutConfig(positions=["fc"]))
     inject_fair_dropout(lora, FairDropoutConfig(positions=["pooled"]))
     assert fair_dropout_modules(unwrap_model(lora)) is not None
+
+
+def test_no_generalising_neuron_is_refused_at_injection():
+    model, _ = make_model("hf_bert")  # fc: 32 features; p_gen 0.01 rounds to 0 always-on neurons
+    with pytest.raises(ValueError, match=r"p_gen=0.01 of 32 neurons rounds to 0 generalising neurons"):
+        inject_fair_dropout(model, FairDropoutConfig(positions=["fc"], p_gen=0.01))
+    assert fair_dropout_modules(model) is None
+    with pytest.raises(ValueError, match="rounds to 0 generalising"):  # the layer itself, where C is only known then
+        fair_dropout(torch.randn(3, 5), None, p_gen=0.05, p_mem=0.5, training=False, layout="features")

@@ -1,6 +1,7 @@
 """RobustTrainer: group-aware evaluation, reports, Hub push offline, stages and resume, peft, bad inputs."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,10 @@ def test_save_model_writes_model_results_plot_and_card(tmp_path, small_digits):
     out = Path(trainer.args.output_dir)
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "ERM"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "README.md", "config.json"):  # the same permissions as any file written here
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert results["splits"]["test_biased"]["worst_group_accuracy"] == trainer.eval_results["test_biased"]["worst_group_accuracy"]
     assert (out / "plots" / "group_accuracy.png").stat().st_size > 1000
     card = ModelCard.load(out / "README.md")
@@ -127,7 +132,7 @@ def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, small_digits):
     trainer = erm_trainer(tmp_path, small_digits, push_to_hub=True, hub_model_id="someone/robust-digits", max_steps=2)
     trainer.train()
     trainer.evaluate()
-    with pytest.raises(HubPushError, match=r"someone/robust-digits.*saved in .*hf upload"):
+    with pytest.raises(HubPushError, match=r"someone/robust-digits.*saved in .*hf upload .* --exclude 'stages/\*' "):
         trainer.push_to_hub()
     out = Path(trainer.args.output_dir)
     for name in ("results.json", "README.md", "config.json", "model.safetensors"):
@@ -295,6 +300,15 @@ def test_balanced_sampling_resumed_run_sees_the_same_batches(tmp_path, small_dig
     per_epoch = len(full) // 2
     assert [b for _, b in resumed] == [b for _, b in full[per_epoch:]]
     assert full[0][1] != full[per_epoch][1]
+    # an interrupted stage goes on only with the settings it started with (here: another global batch)
+    shutil.rmtree(cut_stage / checkpoints[1].name)
+    (cut_stage / "stage.json").unlink()
+    other = BatchRecorder(make_model("timm_wrapper_resnet")[0],
+                          quick_config(RobustConfig, tmp_path / "cut", num_train_epochs=2, per_device_train_batch_size=8,
+                                       balanced_sampling="class", save_strategy="epoch"), train_dataset=train)
+    with pytest.raises(ValueError, match=r"checkpoint-\d+ was computed with global_train_batch_size=16, but this run "
+                                         r"has global_train_batch_size=8: its schedule and batches would change"):
+        other.train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="balanced_sampling='groups': expected 'none', 'class' or 'group'"):
         config(tmp_path, balanced_sampling="groups")
 

@@ -70,8 +70,15 @@ def position_seed(seed: int, name: str) -> int:
 
 
 def num_generalising(num_features: int, p_gen: float) -> int:
-    """round(p_gen * C), the number of always-on neurons."""
-    return int(round(p_gen * num_features))
+    """round(p_gen * C), the number of always-on neurons; at least one unless p_gen is 0 (with none, evaluation
+    would zero the whole layer)."""
+    g = int(round(p_gen * num_features))
+    if g == 0 and p_gen > 0 and num_features > 0:
+        raise ValueError(
+            f"p_gen={p_gen} of {num_features} neurons rounds to 0 generalising neurons: evaluation would drop every "
+            f"neuron of this layer. Use p_gen >= {0.5 / num_features:.3g} (one neuron or more)."
+        )
+    return g
 
 
 def fair_dropout_mask(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ STAGES_DIR = "stages"
 # what a push leaves out: the stages' outputs, the Trainer's checkpoints, temporary files
 HUB_IGNORE_PATTERNS = ("_*", "checkpoint-*", f"{STAGES_DIR}/*", f"{STAGES_DIR}/**")
 STAGE_MARKER = "stage.json"
+STAGE_SETTINGS = "settings.json"  # what an interrupted training stage was started with
 RESULTS_NAME = "results.json"
 
 
@@ -65,6 +67,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+    publish(tmp, path)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file into place with the permissions of a normally created file (mkstemp
+    makes it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -252,6 +263,15 @@ class RobustTrainer(Trainer):
     ):
         args = self._resolve_args(args)
         model = maybe_wrap_timm(model)
+        if args.world_size > 1:  # BatchNorm over the global batch, as one process computes it
+            from ..sync_norm import sync_batch_norm
+
+            unsynced = sync_batch_norm(model)
+            if unsynced:
+                logging.getLogger(__name__).warning(
+                    "BatchNorm-like layers %s are not synchronised across the %d processes: this run will differ "
+                    "from a one-process run.", unsynced[:3], args.world_size,
+                )
         self.adapter = get_adapter(model, classifier=args.classifier_layer, target_layer=args.cam_target_layer)
         self.adapter.require("classifier", *self._requires)
         self.input_kind = self._validate_datasets(model, train_dataset, eval_dataset)
@@ -570,8 +590,8 @@ class RobustTrainer(Trainer):
             raise HubPushError(
                 f"Could not push {self.args.output_dir} to the Hub as {repo_id!r}: {type(error).__name__}: {error}. "
                 f"The model, results.json, plots and README.md are saved in {self.args.output_dir}; push them "
-                f"later with `hf upload {repo_id} {self.args.output_dir} --exclude "
-                + " ".join(f"'{p}'" for p in HUB_IGNORE_PATTERNS) + "` (the stages and checkpoints stay local)."
+                f"later with `hf upload {repo_id} {self.args.output_dir} "
+                + " ".join(f"--exclude '{p}'" for p in HUB_IGNORE_PATTERNS) + "` (the stages and checkpoints stay local)."
             ) from error
 
     # ------------------------------------------------------------------ stages
@@ -636,15 +656,21 @@ class RobustTrainer(Trainer):
                 f"{marker.get('seed')}, but this run is {self._name!r} with seed {self.args.seed}: resume with the "
                 "same settings, or use a new output_dir."
             )
-        recorded, current = marker.get("settings") or {}, self.run_settings()
-        changed = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+        self._check_settings(marker.get("settings"), f"{self.stage_dir(name)} holds a finished stage {name!r}",
+                             "resuming would reuse its outputs")
+
+    def _check_settings(self, recorded: dict | None, what: str, consequence: str, allowed: tuple = ()) -> None:
+        """Refuse a resume whose settings differ from the `recorded` ones (naming the old and new values), but for
+        the `allowed` ones."""
+        recorded, current = recorded or {}, self.run_settings()
+        changed = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k] and k not in allowed)
         if changed:
             was = ", ".join(f"{k}={recorded[k]!r}" for k in changed)
             now = ", ".join(f"{k}={current[k]!r}" for k in changed)
             raise RunSetupError(
-                f"{self.stage_dir(name)} holds a finished stage {name!r} computed with {was}, but this run has "
-                f"{now}: resuming would reuse its outputs. Resume with the same settings, or start a new run "
-                "(another output_dir, or no resume_from_checkpoint; `erm_checkpoint=` reuses a saved ERM model)."
+                f"{what} computed with {was}, but this run has {now}: {consequence}. Resume with the same "
+                "settings, or start a new run (another output_dir, or no resume_from_checkpoint; "
+                "`erm_checkpoint=` reuses a saved ERM model)."
             )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -693,6 +719,14 @@ class RobustTrainer(Trainer):
                 checkpoint, self._explicit_checkpoint = explicit, None
             else:
                 checkpoint = get_last_checkpoint(str(stage_dir))
+        settings_file = stage_dir / STAGE_SETTINGS
+        if checkpoint is not None and settings_file.is_file():  # an interrupted stage goes on as it started
+            # training longer (more epochs or steps) is a resume transformers allows: only its length changes
+            self._check_settings(json.loads(settings_file.read_text()), f"{checkpoint} was",
+                                 "its schedule and batches would change midway",
+                                 allowed=("num_train_epochs", "max_steps"))
+        elif self.is_world_process_zero():
+            atomic_write_json(settings_file, self.run_settings())
         overrides = {"output_dir": str(stage_dir), **arg_overrides}
         saved_args = {k: getattr(self.args, k) for k in overrides}
         saved_dataset = self.train_dataset
@@ -763,7 +797,7 @@ class RobustTrainer(Trainer):
             fd, tmp = tempfile.mkstemp(dir=stage_dir, prefix=".model.", suffix=".safetensors")
             os.close(fd)
             save_model(self.accelerator.unwrap_model(self.model), tmp)
-            os.replace(tmp, stage_dir / "model.safetensors")
+            publish(tmp, stage_dir / "model.safetensors")
         self.accelerator.wait_for_everyone()
 
     def load_model_state(self, stage_dir: Path, model: nn.Module | None = None) -> None:

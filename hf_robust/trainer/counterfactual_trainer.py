@@ -88,7 +88,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
         student = self.accelerator.unwrap_model(self.model)
         # the teacher is copied before the student switches to eager attention: it needs no attention maps
         teacher = self._build_teacher(teacher, student)
-        if args.mask_strategy != "random" or self.adapter.patch_grid is None:
+        if self.args.mask_strategy != "random" or self.adapter.patch_grid is None:
             if self.adapter.cam_method == "attention_rollout":
                 self.adapter.enable_attention_maps()
             else:
@@ -190,6 +190,11 @@ class CounterfactualDistillTrainer(RobustTrainer):
 
     def _run_wise_ft(self, stage_dir: Path, resume: bool) -> None:
         alphas = sorted(set(self.args.wise_ft_alphas))
+        model = self.accelerator.unwrap_model(self.model)
+        if alphas and any(".lora_A." in key for key in model.state_dict()):
+            logger.warning("WiSE-FT stage skipped: a LoRA student's weights cannot be interpolated adapter by adapter "
+                           "(use hf_robust.wise_ft on the saved models: it merges copies of them).")
+            alphas = []
         if not alphas or self.eval_dataset is None:
             self.wise_ft_results = {}
             self.save_stage_json(stage_dir, "wise_ft", self.wise_ft_results)
