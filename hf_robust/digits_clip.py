@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .files import publish
+
 logger = logging.getLogger(__name__)
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -192,14 +194,11 @@ def digits_clip_path(cache_dir: str | os.PathLike | None = None) -> Path:
         with torch.random.fork_rng(devices=[]):
             model, tokenizer, processor = pretrain_digits_clip()
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".digits-clip-"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared HF_HOME's copy from other users
         try:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             processor.save_pretrained(str(tmp))
-            os.replace(tmp, target)
+            publish(tmp, target)  # mkdtemp's 0700 would hide a shared HF_HOME's copy from other users
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

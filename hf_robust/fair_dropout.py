@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, _natural, active_module, get_adapter, unwrap_model
+from .files import publish
 from .layers.fair_dropout import FairDropout, num_generalising, position_seed
 
 CONFIG_NAME = "fair_dropout_config.json"
@@ -98,10 +99,7 @@ class FairDropoutConfig:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_NAME}.")
         with os.fdopen(fd, "w") as handle:
             json.dump(self.to_dict(), handle, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a normally created file (mkstemp makes it owner-only)
-        os.replace(tmp, folder / CONFIG_NAME)  # atomic: a checkpoint never holds half a config
+        publish(tmp, folder / CONFIG_NAME)  # atomic: a checkpoint never holds half a config
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> FairDropoutConfig:

@@ -33,12 +33,15 @@ from transformers.trainer_utils import EvalPrediction, get_last_checkpoint
 
 from ..adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter, unwrap_model
 from ..data.core import DataValidationError, group_names, validate_group_dataset
+from ..files import publish
 from ..preprocessing import GroupDataCollator, ImagePreprocessing
 from .base_config import RobustConfig
 
 STAGES_DIR = "stages"
 # what a push leaves out: the stages' outputs, the Trainer's checkpoints, temporary files
 HUB_IGNORE_PATTERNS = ("_*", "checkpoint-*", f"{STAGES_DIR}/*", f"{STAGES_DIR}/**")
+logger = logging.getLogger(__name__)
+
 STAGE_MARKER = "stage.json"
 STAGE_SETTINGS = "settings.json"  # what an interrupted training stage was started with
 RESULTS_NAME = "results.json"
@@ -69,14 +72,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.write(data)
     publish(tmp, path)
 
-
-def publish(tmp: str | Path, path: str | Path) -> None:
-    """Move a finished temporary file into place with the permissions of a normally created file (mkstemp
-    makes it owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj, strict: bool = False) -> None:
@@ -165,21 +160,19 @@ def maybe_wrap_timm(model: nn.Module, model_args: dict | None = None) -> nn.Modu
 
 def _warn_if_not_rebuilt(model: nn.Module, architecture: str, model_args: dict) -> None:
     """Warn when `timm.create_model(architecture, **model_args)` has other parameter shapes than `model`."""
-    import logging
-
     import timm
 
     try:
         with torch.device("meta"):
             rebuilt = timm.create_model(architecture, pretrained=False, num_classes=model.num_classes, **model_args)
     except Exception as error:  # an architecture timm does not register under that name
-        logging.getLogger(__name__).warning("timm cannot rebuild %r (%s): the saved model may not reload.", architecture, error)
+        logger.warning("timm cannot rebuild %r (%s): the saved model may not reload.", architecture, error)
         return
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     if mine != theirs:
         differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))[:3]
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "This timm model differs from timm.create_model(%r, **%s) (e.g. %s): the saved folder will not reload "
             "with from_pretrained. Pass the arguments it was created with: maybe_wrap_timm(model, model_args={...}), "
             "or wrap it yourself in TimmWrapperForImageClassification.", architecture, model_args, differ,
@@ -268,7 +261,7 @@ class RobustTrainer(Trainer):
 
             unsynced = sync_batch_norm(model)
             if unsynced:
-                logging.getLogger(__name__).warning(
+                logger.warning(
                     "BatchNorm-like layers %s are not synchronised across the %d processes: this run will differ "
                     "from a one-process run.", unsynced[:3], args.world_size,
                 )
