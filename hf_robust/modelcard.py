@@ -19,6 +19,14 @@ def _summary_rows(splits: dict) -> list[dict]:
     return [{"split": name, **{k: _fmt(report.get(k)) for k in keys}} for name, report in splits.items()]
 
 
+def _selection(selection: dict | None) -> dict | None:
+    if not selection or not selection.get("candidates"):
+        return None
+    from .trainer.health import format_selection
+
+    return {"line": format_selection(selection)[len("selection: "):]}
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -99,6 +107,8 @@ def build_model_card(
         baseline_rows=_summary_rows(baseline) if baseline else None,
         baseline_name=baseline_name,
         group_rows=group_rows,
+        health=results.get("health") or None,
+        selection=_selection(results.get("selection")),
         plot_files=plot_files,
         usage=usage,
         trainer_class=trainer_class,

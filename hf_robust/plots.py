@@ -176,3 +176,29 @@ def plot_counterfactual_grid(images, cam, counterfactuals: dict, labels: list[st
             ax.set_xticks([])
             ax.set_yticks([])
     return _save(fig, path)
+
+
+def plot_selection(selection: dict, path: str | Path, title: str | None = None) -> Path:
+    """The label-free selection's candidates: validation worst-class accuracy and accuracy of each (labels only),
+    the chosen one marked."""
+    plt = _pyplot()
+    records = selection["candidates"]
+    labels = []
+    for record in records:
+        knobs = record["knobs"]
+        labels.append("\n".join(f"{k.replace('finetune_', '')}={v:g}" if isinstance(v, float) else f"{k.replace('finetune_', '')}={v}"
+                                for k, v in knobs.items() if k != "finetune") or "unchanged\n(no fine-tuning)")
+    x = np.arange(len(records))
+    worst = [100 * r["validation"]["worst_class_accuracy"] for r in records]
+    accuracy = [100 * r["validation"]["accuracy"] for r in records]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(records)), 3.8))
+    bars = ax.bar(x - 0.2, worst, 0.4, label="worst-class accuracy (selects)")
+    ax.bar(x + 0.2, accuracy, 0.4, label="accuracy (breaks ties)", alpha=0.6)
+    bars[selection["chosen"]].set_edgecolor("black")
+    bars[selection["chosen"]].set_linewidth(2)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"{selection.get('split', 'validation')} (%)")
+    ax.set_title(title or "label-free selection (chosen: outlined)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)

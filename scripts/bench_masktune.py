@@ -14,6 +14,7 @@ Speed, side by side in one process on the same ERM model and training set:
 from __future__ import annotations
 
 import statistics
+from functools import partial
 import tempfile
 import time
 
@@ -96,7 +97,8 @@ def timing(seed: int = 0) -> dict:
         epoch = time.perf_counter() - start
 
         start = time.perf_counter()
-        outputs = trainer.compute_per_example(data["train"], trainer._mask_batch, description="Masking")
+        outputs = trainer.compute_per_example(data["train"], partial(trainer._mask_batch, k=trainer.mask_threshold),
+                                              description="Masking")
         masking = time.perf_counter() - start
 
         # the authors' pipeline on the same images, batch by batch (the collator's preprocessing is shared)
@@ -104,7 +106,7 @@ def timing(seed: int = 0) -> dict:
         adapter = get_adapter(model)
         loader = torch.utils.data.DataLoader(data["train"], batch_size=256, collate_fn=trainer.eval_collator)
         start = time.perf_counter()
-        reference = [_gradcam_package_masks(model, adapter, batch["pixel_values"], args.mask_threshold_std)
+        reference = [_gradcam_package_masks(model, adapter, batch["pixel_values"], trainer.mask_threshold)
                      for batch in loader]
         package = time.perf_counter() - start
         ours = outputs["mask"][torch.argsort(outputs["example_idx"])].numpy()

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                      # every method, seeds 0 1 2
     python scripts/benchmark.py --methods erm --seeds 0
+    python scripts/benchmark.py --suite              # every method's default on every benchmark of the suite
 
 Quality: the main job (scripts/train.py) with its defaults on the embedded `biased_digits` benchmark (the
 dataset is fixed, seed 0; the training seed varies), per split and per group, and the mean over seeds.
@@ -178,6 +179,10 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS),
                         help="results file, updated in place (method by method); default: the tracked "
                              "scripts/benchmark_results.json — pass another path for a trial run")
+    parser.add_argument("--suite", action="store_true",
+                        help="run every method's default on every benchmark of the shortcut suite (scripts/bench_suite.py); "
+                             "--methods and --benchmarks narrow it; results under 'suite' in the results file")
+    parser.add_argument("--benchmarks", default=None, help="with --suite: comma-separated benchmarks of the suite")
     parser.add_argument("--timing_only", action="store_true",
                         help=f"re-measure only the speed ratios (methods {list(TIMINGS)}), keep the quality results")
     args = parser.parse_args()
@@ -193,6 +198,27 @@ def main() -> None:
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    if args.suite:
+        import bench_suite
+
+        methods = bench_suite.SUITE_METHODS if args.methods == ",".join(BENCHMARKS) else tuple(args.methods.split(","))
+        benchmarks = tuple(args.benchmarks.split(",")) if args.benchmarks else bench_suite.SUITE
+        suite = results.setdefault("suite", {})
+
+        def save(table):
+            for benchmark, entries in table.items():
+                for method, entry in entries.items():
+                    old = suite.setdefault(benchmark, {}).get(method, {"runs": []})
+                    seeds = {r["seed"] for r in entry["runs"]}
+                    runs = sorted([r for r in old["runs"] if r["seed"] not in seeds] + entry["runs"],
+                                  key=lambda r: r["seed"])
+                    suite[benchmark][method] = {"runs": runs, "mean": bench_suite._mean(runs),
+                                                "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+            path.write_text(json.dumps(results, indent=2))
+
+        bench_suite.run_suite(seeds, benchmarks, methods, on_result=save)
+        print(bench_suite.markdown_table(suite))
+        return
     for method in args.methods.split(","):
         if args.timing_only:
             if method not in TIMINGS:

@@ -369,7 +369,7 @@ def test_activation_checkpointing_recomputes_the_same_masks(family, positions, m
 def fair_dropout_trainer(tmp_path, data, family="timm_wrapper_resnet", trainer_class=FairDropoutTrainer,
                          config_class=FairDropoutTrainingConfig, **kwargs):
     model, processor = make_model(family)
-    args = quick_config(config_class, tmp_path, **{"logging_steps": 100, **kwargs})
+    args = quick_config(config_class, tmp_path, **{"logging_steps": 100, "fairdropout_selection": "off", **kwargs})
     return trainer_class(model, args, train_dataset=data["train"], processing_class=processor,
                          eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]},
                          dataset_name="biased_digits")
@@ -390,7 +390,7 @@ def test_trainer_passes_example_idx_and_saves_everything(trained, small_digits):
     from transformers import AutoModelForImageClassification
 
     trainer, metrics, out = trained
-    assert trainer.finished_stages == ["fairdropout"]
+    assert trainer.finished_stages == ["initial", "fairdropout"]  # the model as given: the health reference
     assert json.loads((out / CONFIG_NAME).read_text())["positions"] == ["dp3", "dp5"]
     results = json.loads((out / "results.json").read_text())
     assert results["fair_dropout"]["p_gen"] == 0.25 and results["method"] == "FairDropout"
@@ -451,7 +451,7 @@ def test_masks_follow_example_idx_and_survive_a_resume(tmp_path, small_digits, m
     # a finished stage is skipped on resume, its model restored; other FairDropout settings are refused
     again = fair_dropout_trainer(tmp_path / "cut", data, **kwargs)
     again.train(resume_from_checkpoint=True)
-    assert again.skipped_stages == ["fairdropout"]
+    assert again.skipped_stages == ["initial", "fairdropout"]
     with pytest.raises(ValueError, match="computed with p_mem=0.5, but this run has p_mem=0.3"):
         fair_dropout_trainer(tmp_path / "cut", data, **{**kwargs, "p_mem": 0.3}).train(resume_from_checkpoint=True)
 
@@ -518,7 +518,10 @@ def test_main_job_runs_fairdropout_with_its_options(tmp_path, monkeypatch):
                                   "--p_gen", "0.4", "--p_mem", "0.1"])
     assert config.fair_dropout_positions == ["dp3", "dp5"] and (config.p_gen, config.p_mem) == (0.4, 0.1)
     _, defaults = train.parse_args(["--method", "fairdropout_dfr"])
-    assert (defaults.p_gen, defaults.p_mem, defaults.dfr_balance) == (0.2, 0.2, "class")
+    # unset p values are chosen on validation: ERM (p_gen = 1), then (0.5, 0.1) and (0.2, 0.2)
+    assert (defaults.p_gen, defaults.p_mem, defaults.dfr_balance) == (None, None, "class")
+    assert defaults.selects_fair_dropout and defaults.fair_dropout_config().p_gen == 0.5
+    assert list(zip(defaults.selection_p_gen, defaults.selection_p_mem)) == [(0.5, 0.1), (0.2, 0.2)]
     with pytest.raises(SystemExit, match="valid positions are"):
         train.main(["--method", "fairdropout", "--fair_dropout_positions", "pooled", "--output_dir", str(tmp_path),
                     "--max_train_samples", "8", "--max_eval_samples", "8"])

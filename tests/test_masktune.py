@@ -182,7 +182,8 @@ def test_mask_store_pack_lookup_apply_union_save(tmp_path):
 
 # ----------------------------------------------------------------------------- the trainer
 def mt_config(tmp_path, **kwargs):
-    return quick_config(MaskTuneConfig, tmp_path / "mt", **kwargs)
+    """The paper's MaskTune (no label-free selection) unless a test asks for it."""
+    return quick_config(MaskTuneConfig, tmp_path / "mt", **{"masktune_selection": "off", **kwargs})
 
 
 def mt_trainer(tmp_path, data, **kwargs):
@@ -266,12 +267,12 @@ def test_masktune_resume_after_masks_does_not_recompute_them(tmp_path, small_dig
     calls = {"masks": 0}
     original = MaskTuneTrainer._mask_batch
 
-    def counting(self, model, batch):
+    def counting(self, model, batch, **kwargs):
         calls["masks"] += 1
-        return original(self, model, batch)
+        return original(self, model, batch, **kwargs)
 
     monkeypatch.setattr(MaskTuneTrainer, "_mask_batch", counting)
-    monkeypatch.setattr(MaskTuneTrainer, "_run_finetune", lambda self, d, r: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(MaskTuneTrainer, "_run_finetune", lambda self, i, d, r: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     first_masks, first_calls = trainer.masks.masks(), calls["masks"]

@@ -67,13 +67,19 @@ def test_erm_main_job_writes_a_complete_run(tmp_path, train_script, digits, caps
 def test_no_argument_default_is_erm_then_masktune(tmp_path, train_script, digits, capsys):
     script_args, args = train_script.parse_args([])
     assert script_args.method == "masktune" and script_args.dataset == "biased_digits"
-    assert script_args.model == "digits-resnet18-64" and args.finetune_learning_rate == 1e-3
-    assert args.finetune_batch_size == 32 and args.per_device_train_batch_size == 128
+    assert script_args.model == "digits-resnet18-64" and args.per_device_train_batch_size == 128
+    # the fine-tuning knobs are left to the label-free selection: lr 1e-4 or 1e-3 at batch 32, k = 2, or no
+    # fine-tuning at all
+    assert (args.finetune_learning_rate, args.finetune_batch_size, args.mask_threshold_std) == (None, None, None)
+    assert args.masktune_selection == "auto" and args.on_worse == "warn"
     assert args.output_dir == "runs/biased_digits-masktune"
     results = train_script.main(quick(tmp_path, "--max_train_samples", "128"))
     assert results["method"] == "MaskTune" and set(results["stages"]) == {"ERM"}
+    assert [c["knobs"].get("finetune_learning_rate") for c in results["selection"]["candidates"]] == [None, 1e-4, 1e-3]
+    assert results["health"]["status"] in ("ok", "worse_than_erm", "collapsed")
     printed = capsys.readouterr().out
     assert "ERM    MaskTune" in printed and "worst-group accuracy" in printed
+    assert "selection: " in printed and f"health: {results['health']['status']}" in printed
 
 
 def test_config_file_and_command_line_precedence(tmp_path, train_script):

@@ -207,6 +207,20 @@ def load_biased_digits(path=None, seed: int = 0, **kwargs) -> DatasetDict:
     return _cached("biased_digits", make_biased_digits, seed=seed, **kwargs)
 
 
+def load_scene_digits(path=None, seed: int = 0, **kwargs) -> DatasetDict:
+    if path is not None:
+        return load_from_disk(str(path))
+    kwargs = {"majority_fraction": 0.95, "minority_fraction": 0.05, **kwargs}
+    return _cached("scene_digits", make_biased_digits, seed=seed, shortcut="scene", **kwargs)
+
+
+def load_tinted_digits(path=None, seed: int = 0, **kwargs) -> DatasetDict:
+    if path is not None:
+        return load_from_disk(str(path))
+    kwargs = {"majority_fraction": 0.97, "minority_fraction": 0.03, **kwargs}
+    return _cached("tinted_digits", make_biased_digits, seed=seed, shortcut="tint", **kwargs)
+
+
 def load_spurious_text(path=None, seed: int = 0, **kwargs) -> DatasetDict:
     if path is not None:
         return load_from_disk(str(path))
@@ -221,6 +235,8 @@ BENCHMARKS: dict[str, Callable[..., DatasetDict]] = {
     "cifar10": load_cifar10,
     "svhn": load_svhn,
     "biased_digits": load_biased_digits,
+    "scene_digits": load_scene_digits,
+    "tinted_digits": load_tinted_digits,
     "spurious_text": load_spurious_text,
 }
 
@@ -236,7 +252,7 @@ def load_benchmark(
 
     Args:
         name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_digits,
-            spurious_text), or the path of a local dataset (`save_to_disk` folder of a DatasetDict, or a folder of
+            scene_digits, tinted_digits, spurious_text), or the path of a local dataset (`save_to_disk` folder of a DatasetDict, or a folder of
             parquet files) with a label column and optionally an attribute column.
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
         label_column, attribute_column: the columns of a local dataset (see `as_group_dataset`); string values

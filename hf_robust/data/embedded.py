@@ -7,6 +7,16 @@ square in the top-left corner that marks 99% of class 0 and 1% of class 1 in `tr
 every class-1 image and no class-0 image. 1,797 digits are too few to learn shapes from, so each training
 digit appears as several seeded affine-jittered copies.
 
+Two more kinds of shortcut on the same digits, for testing that a method's defaults transfer (every image recipe
+and method default is shared by the three; none is tuned per benchmark):
+- `scene_digits` (a large background scene, as Waterbirds' land/water backgrounds): each digit is drawn in white
+  over a crop of one of scikit-learn's two bundled photos (`china.jpg` for attribute 1, `flower.jpg` for 0); the
+  china scene backs 95% of class 0 and 5% of class 1 in `train`.
+- `tinted_digits` (a global colour property, as Colored MNIST): the whole image, digit and background, is tinted
+  warm (attribute 1) or cool (attribute 0); warm on 97% of class 0 and 3% of class 1 in `train`.
+Both have a group-balanced `test` split (the attribute on exactly half of each class's digits) and `test_biased`
+(the correlation reversed).
+
 `spurious_text` is its text counterpart: short reviews whose sentiment is set by a core adjective, with a
 spurious token that co-occurs with the positive label in `train` and with the negative one in `test`.
 """
@@ -24,6 +34,12 @@ from .core import as_group_dataset
 
 DIGIT_CLASS_NAMES = ["digit 0-4", "digit 5-9"]
 SQUARE_NAMES = ["no square", "square"]
+SHORTCUT_NAMES = {  # attribute names per kind of shortcut (attribute 1 is the one aligned with class 0 in train)
+    "square": SQUARE_NAMES,
+    "scene": ["flower scene", "china scene"],
+    "tint": ["cool tint", "warm tint"],
+}
+_TINTS = {0: (0.35, 0.6, 1.0), 1: (1.0, 0.6, 0.3)}  # per attribute: RGB factors over the whole image
 
 
 def _render_digits(
@@ -64,6 +80,35 @@ def _add_square(images: np.ndarray, has_square: np.ndarray, square_size: int, co
     images[has_square, 1 : 1 + square_size, 1 : 1 + square_size, :] = np.asarray(color, dtype=np.uint8)
 
 
+def _add_scene(images: np.ndarray, attribute: np.ndarray, rng: np.random.Generator, crop: int = 200) -> None:
+    """Each image becomes its (white) digit over a random `crop`-pixel square of a photo, scaled to the image size:
+    `china.jpg` where the attribute is 1, `flower.jpg` where it is 0 (scikit-learn's bundled sample images)."""
+    from sklearn.datasets import load_sample_images
+
+    size = images.shape[1]
+    photos = []
+    for photo in load_sample_images().images[:2]:  # china, flower
+        tensor = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1)[None].float()
+        scaled = F.interpolate(tensor, scale_factor=size / crop, mode="bilinear", antialias=True, align_corners=False)
+        photos.append(scaled[0].permute(1, 2, 0).numpy())
+    digit = images[..., :1].astype(np.float32) / 255.0
+    for value, photo in ((1, photos[0]), (0, photos[1])):
+        rows = np.flatnonzero(attribute == value)
+        top = rng.integers(0, photo.shape[0] - size + 1, size=len(rows))
+        left = rng.integers(0, photo.shape[1] - size + 1, size=len(rows))
+        offsets = np.arange(size)
+        background = photo[(top[:, None] + offsets)[:, :, None], (left[:, None] + offsets)[:, None, :]]
+        mixed = digit[rows] * 255.0 + (1 - digit[rows]) * 0.75 * background
+        images[rows] = np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+
+
+def _add_tint(images: np.ndarray, attribute: np.ndarray) -> None:
+    """The whole image tinted: grey level g in [0, 1] -> (0.25 + 0.75 g) * the attribute's RGB factors."""
+    grey = images[..., :1].astype(np.float32) / 255.0
+    factors = np.asarray([_TINTS[0], _TINTS[1]], dtype=np.float32)[attribute.astype(np.int64)][:, None, None, :]
+    images[:] = np.clip(np.round((0.25 + 0.75 * grey) * factors * 255.0), 0, 255).astype(np.uint8)
+
+
 def _exact_subset(rng: np.random.Generator, mask: np.ndarray, fraction: float) -> np.ndarray:
     """Boolean array that is True on exactly round(fraction * mask.sum()) of the True entries of `mask`."""
     chosen = np.zeros(len(mask), dtype=bool)
@@ -88,6 +133,7 @@ def make_biased_digits(
     scale_range: tuple[float, float] = (0.85, 1.1),
     digit_fraction: float = 0.6,
     square_unit: str = "source",
+    shortcut: str = "square",
 ) -> DatasetDict:
     """MaskTune's biased-MNIST protocol on scikit-learn's bundled digits.
 
@@ -98,7 +144,14 @@ def make_biased_digits(
     test images come from digits never seen in train. `seed` fixes everything; the source split itself is
     seeded separately (always 0) so that changing `seed` changes the jitter, never which digits are test.
     Extra columns: `digit` (the original 0-9 digit) and `source_id` (its index in `load_digits()`).
+
+    `shortcut` picks the spurious attribute: `"square"` (above), `"scene"` (a photo background) or `"tint"` (a
+    colour over the whole image); with the last two the attribute is the scene or tint, `square_size` and
+    `square_color` are unused, and the test splits are `test` (the attribute on half of each class's digits:
+    every group equally) and `test_biased` instead of `test_biased` and `test_original`.
     """
+    if shortcut not in SHORTCUT_NAMES:
+        raise ValueError(f"shortcut={shortcut!r}: expected one of {sorted(SHORTCUT_NAMES)}.")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -143,21 +196,31 @@ def make_biased_digits(
     splits["validation"] = (images, source, label, np.repeat(chosen, validation_copies))
 
     images, source, label = build(sources["test"], 1, False)
-    splits["test_biased"] = (images.copy(), source, label, label == 1)
-    splits["test_original"] = (images, source, label, np.zeros(len(label), dtype=bool))
+    if shortcut == "square":
+        splits["test_biased"] = (images.copy(), source, label, label == 1)
+        splits["test_original"] = (images, source, label, np.zeros(len(label), dtype=bool))
+    else:
+        splits["test"] = (images.copy(), source, label, squares_by_source(sources["test"], 0.5, 0.5))
+        splits["test_biased"] = (images, source, label, label == 1)
+    scene_rng = np.random.default_rng([seed, 1])  # its own stream: the squares' draws stay as they were
 
     features = Features(
         {
             "image": Image(),
             "label": ClassLabel(names=DIGIT_CLASS_NAMES),
-            "attribute": ClassLabel(names=SQUARE_NAMES),
+            "attribute": ClassLabel(names=SHORTCUT_NAMES[shortcut]),
             "digit": Value("int64"),
             "source_id": Value("int64"),
         }
     )
     result = {}
     for name, (images, source, label, square) in splits.items():
-        _add_square(images, square, square_size, square_color)
+        if shortcut == "square":
+            _add_square(images, square, square_size, square_color)
+        elif shortcut == "scene":
+            _add_scene(images, square, scene_rng)
+        else:
+            _add_tint(images, square)
         data = {"image": list(images), "label": label, "attribute": square.astype(np.int64),
                 "digit": numbers[source], "source_id": source}
         result[name] = Dataset.from_dict(data, features=features)

@@ -30,6 +30,19 @@ class RobustConfig(TrainingArguments):
         save_plots (`bool`, *optional*, defaults to `True`):
             Write the per-group accuracy plot (and method plots) into `output_dir/plots`.
 
+    Parameters of the health check every run ends with (`hf_robust.trainer.health`): the final model against
+    the model the method started from (its ERM stage, or the model given), on `health_split` with labels only:
+        on_worse (`str`, *optional*, defaults to `"warn"`):
+            What a run does when its model `collapsed` or is `worse_than_erm`: `"warn"` keeps the method's model
+            and says so (a logged warning, `results.json`, the top of the model card, the script's table);
+            `"keep"` the same without the logged warning; `"fallback_to_erm"` replaces the final model by the
+            reference model (recorded as such); `"error"` raises `HealthCheckError` before anything is saved.
+        health_margin (`float`, *optional*, defaults to `0.02`):
+            A drop of validation worst-class accuracy larger than this (2 points) is `worse_than_erm`.
+        health_split (`str`, *optional*, defaults to `"validation"`):
+            The eval split the check runs on (absent: the status is `unknown`). Methods that train on part of it
+            (GradTune, DFR) check on the part they did not train on.
+
     Every `transformers.TrainingArguments` parameter applies. `remove_unused_columns` defaults to `False`: the
     collator needs `group` and `example_idx`.
     """
@@ -53,6 +66,15 @@ class RobustConfig(TrainingArguments):
         default=None, metadata={"help": "Name of the CAM target layer, if hf_robust does not know the model."}
     )
     save_plots: bool = field(default=True, metadata={"help": "Write report plots into output_dir/plots."})
+    on_worse: str = field(
+        default="warn",
+        metadata={"help": "When the final model is worse than its ERM stage on validation: warn, keep, "
+                          "fallback_to_erm or error."},
+    )
+    health_margin: float = field(
+        default=0.02, metadata={"help": "Validation worst-class accuracy drop that counts as worse (0.02 = 2 points)."}
+    )
+    health_split: str = field(default="validation", metadata={"help": "Eval split of the health check."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,6 +87,12 @@ class RobustConfig(TrainingArguments):
             )
         if self.balanced_sampling not in ("none", "class", "group"):
             raise ValueError(f"balanced_sampling={self.balanced_sampling!r}: expected 'none', 'class' or 'group'.")
+        if self.on_worse not in ("keep", "warn", "fallback_to_erm", "error"):
+            raise ValueError(
+                f"on_worse={self.on_worse!r}: expected 'keep', 'warn', 'fallback_to_erm' or 'error'."
+            )
+        if not 0 <= self.health_margin < 1:
+            raise ValueError(f"health_margin={self.health_margin}: expected a fraction in [0, 1).")
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns=True would drop `group` and `example_idx`, which hf_robust needs; leave it False "

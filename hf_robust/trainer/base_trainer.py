@@ -36,6 +36,7 @@ from ..data.core import DataValidationError, group_names, validate_group_dataset
 from ..files import publish
 from ..preprocessing import GroupDataCollator, ImagePreprocessing
 from .base_config import RobustConfig
+from .health import HealthCheckError, assess, format_health, prediction_summary, selection_score
 
 STAGES_DIR = "stages"
 # what a push leaves out: the stages' outputs, the Trainer's checkpoints, temporary files
@@ -43,6 +44,7 @@ HUB_IGNORE_PATTERNS = ("_*", "checkpoint-*", f"{STAGES_DIR}/*", f"{STAGES_DIR}/*
 logger = logging.getLogger(__name__)
 
 STAGE_MARKER = "stage.json"
+INITIAL_STAGE = "initial"  # the model as given to a method without an ERM stage, for the health check
 STAGE_SETTINGS = "settings.json"  # what an interrupted training stage was started with
 RESULTS_NAME = "results.json"
 
@@ -319,6 +321,8 @@ class RobustTrainer(Trainer):
         self.finished_stages: list[str] = []
         self.skipped_stages: list[str] = []
         self._train_output = None
+        self._uses_erm_baseline = False  # set by erm_baseline_stage(): the health check's reference is ERM
+        self.health: dict = {}
 
     # ------------------------------------------------------------------ validation
     def required_adapter_pieces(self, input_kind: str) -> tuple[str, ...]:
@@ -464,6 +468,7 @@ class RobustTrainer(Trainer):
             "stages": self.stage_results,
             "finished_stages": self.finished_stages,
             "skipped_stages": self.skipped_stages,
+            "health": self.health,
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -609,7 +614,8 @@ class RobustTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     # settings of the config that change no stage's outputs (where and how a run is saved, logged, shown)
-    _SETTINGS_IGNORED = frozenset({"save_plots", "plot_examples", "cam_examples_per_group", "export_model"})
+    _SETTINGS_IGNORED = frozenset({"save_plots", "plot_examples", "cam_examples_per_group", "export_model",
+                                   "on_worse", "health_margin", "health_split"})
     # TrainingArguments settings that change what a stage computes (the per-device batch size enters as the
     # global batch: a run may resume on another number of processes)
     _TRAINING_SETTINGS = (
@@ -649,8 +655,11 @@ class RobustTrainer(Trainer):
                 f"{marker.get('seed')}, but this run is {self._name!r} with seed {self.args.seed}: resume with the "
                 "same settings, or use a new output_dir."
             )
+        allowed = ()
+        if name == INITIAL_STAGE:  # the model as given depends on the model and seed only, not on training settings
+            allowed = tuple(k for k in (marker.get("settings") or {}) if k not in ("model", "seed"))
         self._check_settings(marker.get("settings"), f"{self.stage_dir(name)} holds a finished stage {name!r}",
-                             "resuming would reuse its outputs")
+                             "resuming would reuse its outputs", allowed=allowed)
 
     def _check_settings(self, recorded: dict | None, what: str, consequence: str, allowed: tuple = ()) -> None:
         """Refuse a resume whose settings differ from the `recorded` ones (naming the old and new values), but for
@@ -685,7 +694,13 @@ class RobustTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.finished_stages, self.skipped_stages = [], []
         self.eval_results = {}  # an evaluation of the model before this training no longer describes it
-        for stage in self.stages():
+        self.health = {}
+        stages = self.stages()
+        reference = self.health_reference()
+        if reference is not None and reference[1] == INITIAL_STAGE and INITIAL_STAGE not in [s.name for s in stages]:
+            # the model as given, kept for the health check (and a fallback) of a method without an ERM stage
+            stages = [Stage(INITIAL_STAGE, lambda stage_dir, resume: self.save_model_state(stage_dir), None)] + stages
+        for stage in stages:
             stage_dir = self.stage_dir(stage.name)
             if resume and self.stage_finished(stage.name):
                 self._check_stage_marker(stage.name)
@@ -700,6 +715,7 @@ class RobustTrainer(Trainer):
             self._mark_stage_finished(stage.name, time.perf_counter() - start)
             self.finished_stages.append(stage.name)
         self.current_stage = None
+        self.run_health_check()
         return self._train_output
 
     def train_stage(self, stage_dir: Path, resume: bool, train_dataset: Dataset | None = None, **arg_overrides):
@@ -760,7 +776,9 @@ class RobustTrainer(Trainer):
 
     def erm_baseline_stage(self) -> Stage:
         """The `erm` stage of a method that starts from ERM: train it (or load the config's `erm_checkpoint`),
-        save it and evaluate it as the "ERM" baseline of the report (kept across a resume)."""
+        save it and evaluate it as the "ERM" baseline of the report (kept across a resume). It is also the
+        reference of the run's health check."""
+        self._uses_erm_baseline = True
         return Stage("erm", self._run_erm_baseline, self._load_erm_baseline)
 
     def train_or_load_checkpoint(self, stage_dir: Path, resume: bool, load=None) -> None:
@@ -881,6 +899,138 @@ class RobustTrainer(Trainer):
         path = stage_dir / "eval_results.json"
         if path.is_file():
             self.stage_results.update(json.loads(path.read_text()))
+
+    # ------------------------------------------------------------------ health check
+    def health_reference(self) -> tuple[str, str] | None:
+        """(label, stage) of the model the final one is compared with by the health check: the ERM stage of a
+        method that starts from ERM (`erm_baseline_stage`); None for ERM itself (only the collapse check). A
+        method without an ERM stage returns its own (e.g. a comparison stage), or `("the model as given",
+        INITIAL_STAGE)`: the model is then saved before training, as the stage `initial`."""
+        if self._uses_erm_baseline:
+            return ("ERM", "erm")
+        return None
+
+    def health_reference_model(self, stage: str, model: nn.Module) -> nn.Module:
+        """`model` (a copy of the final model, or the model itself for a fallback) turned into the reference: the
+        weights the reference stage saved."""
+        self.load_model_state(self.stage_dir(stage), model)
+        return model
+
+    def health_dataset(self) -> Dataset | None:
+        """The split the health check runs on: the `health_split` eval split (None when there is none)."""
+        if isinstance(self.eval_dataset, dict):
+            return self.eval_dataset.get(self.args.health_split)
+        return None  # one unnamed split may be the test split: it is not used to judge the run
+
+    def _predictions(self, model: nn.Module, dataset: Dataset) -> dict[str, torch.Tensor]:
+        def fn(_, batch):
+            with torch.no_grad():
+                out = model(**{k: v for k, v in self.model_inputs(batch).items() if k != "labels"})
+            logits = out.logits if hasattr(out, "logits") else out
+            return {"prediction": logits.argmax(-1), "finite": torch.isfinite(logits).all(-1).to(torch.uint8), "labels": batch["labels"]}
+
+        with self.eval_mode(model):  # (compute_per_example puts only the trained model in eval mode)
+            return self.compute_per_example(dataset, fn, description="Health check")
+
+    def run_health_check(self) -> dict:
+        """Compare the final model with its reference (`health_reference`) on `health_dataset` with labels only,
+        record the verdict in `self.health` (results.json, the card, the script's table) and apply `on_worse`."""
+        from ..data.core import label_names
+
+        dataset = self.health_dataset()
+        split = self.args.health_split
+        if dataset is None or len(dataset) == 0:
+            self.health = {"status": "unknown", "split": split, "action": "kept",
+                           "reason": f"no {split!r} eval split to check the model on (set health_split, or pass "
+                                     f"eval_dataset={{{split!r}: ...}})"}
+            if self.is_world_process_zero():
+                logger.warning("Health check not run: %s.", self.health["reason"])
+            return self.health
+        final = self.accelerator.unwrap_model(self.model)
+        names = label_names(dataset)
+        method = self.validation_summary(final, dataset)
+        reference, ref_label = None, None
+        ref = self.health_reference()
+        if ref is not None and (self.stage_dir(ref[1]) / "model.safetensors").is_file():
+            ref_label = ref[0]
+            ref_model = self.health_reference_model(ref[1], copy.deepcopy(final))
+            reference = self.validation_summary(ref_model, dataset)
+            del ref_model
+        status, reason = assess(method, reference, names, ref_label or "", margin=self.args.health_margin)
+        health = {"status": status, "reason": reason, "split": split, "num_examples": len(dataset),
+                  "reference": ref_label, "margin": self.args.health_margin, "on_worse": self.args.on_worse,
+                  "erm": reference, "method": method, "action": "kept"}
+        if status in ("worse_than_erm", "collapsed"):
+            if self.args.on_worse == "error":
+                self.health = health
+                raise HealthCheckError(
+                    f"{self._name} health check: {status}: {reason}. Nothing was saved as a finished run (on_worse="
+                    "'error'); the stages in output_dir/stages are kept. Try the method's label-free selection (leave "
+                    "its knobs unset), other settings, or on_worse='fallback_to_erm' / 'warn'."
+                )
+            if self.args.on_worse == "fallback_to_erm" and ref_label is not None:
+                self.health_reference_model(ref[1], self.accelerator.unwrap_model(self.model))
+                health["action"] = f"fell back to the {ref_label} model"
+            elif self.args.on_worse == "fallback_to_erm":
+                health["action"] = "kept (no reference model to fall back to)"
+            if self.args.on_worse != "keep" and self.is_world_process_zero():
+                logger.warning("%s: %s", self._name, format_health(health))
+        self.health = health
+        return health
+
+    # ------------------------------------------------------------------ label-free selection
+    def validation_summary(self, model: nn.Module | None = None, dataset: Dataset | None = None) -> dict | None:
+        """`prediction_summary` (labels only) of `model` (default: the trained model) on the health split."""
+        dataset = dataset if dataset is not None else self.health_dataset()
+        if dataset is None or len(dataset) == 0:
+            return None
+        model = model if model is not None else self.accelerator.unwrap_model(self.model)
+        out = self._predictions(model, dataset)
+        return prediction_summary(out["prediction"].numpy(), out["labels"].numpy(), self.adapter.classifier.out_features,
+                                  finite=out["finite"].numpy())
+
+    def run_candidates(
+        self, stage_dir: Path, candidates: list[dict], train: Callable[[dict, Path, bool], None], resume: bool
+    ) -> dict:
+        """Label-free selection among `candidates` (dicts of knob values), as the GradTune and FairDropout papers
+        select: by worst-CLASS accuracy on the validation split (`health_split`; never group labels), ties broken by
+        accuracy, then by order (list the unchanged model first: it is kept on an exact tie).
+
+        `train(knobs, folder, resume)` leaves the candidate's model in `self.model`; it is scored, saved into
+        `stage_dir/candidate_<i>/` with its record, and marked finished, so a resumed run skips it. Returns
+        `{"metric", "split", "candidates": [{"knobs", "validation", "seconds"}], "chosen": i}`; the chosen
+        candidate's weights are in `candidate_folder(stage_dir, i)`.
+        """
+        if self.health_dataset() is None:
+            raise DataValidationError(
+                f"{self._name} chooses its settings on the {self.args.health_split!r} eval split (labels only), but "
+                f"eval_dataset has none: pass eval_dataset={{{self.args.health_split!r}: ...}}, or set the method's "
+                "knobs yourself to skip the selection."
+            )
+        records = []
+        for i, knobs in enumerate(candidates):
+            folder = self.candidate_folder(stage_dir, i)
+            record_file = folder / "candidate.json"
+            if resume and record_file.is_file():
+                record = json.loads(record_file.read_text())
+                if record["knobs"] == json.loads(json.dumps(knobs)):
+                    records.append(record)
+                    continue
+            start = time.perf_counter()
+            train(knobs, folder, resume)
+            self.save_model_state(folder)
+            record = {"knobs": knobs, "validation": self.validation_summary(),
+                      "seconds": round(time.perf_counter() - start, 3)}
+            self.save_stage_json(folder, "candidate", record)
+            records.append(record)
+        score = [(*selection_score(r["validation"]), -i) for i, r in enumerate(records)]
+        chosen = max(range(len(records)), key=lambda i: score[i])
+        return {"metric": "worst_class_accuracy (ties: accuracy)", "split": self.args.health_split,
+                "candidates": records, "chosen": chosen}
+
+    @staticmethod
+    def candidate_folder(stage_dir: Path, index: int) -> Path:
+        return stage_dir / f"candidate_{index}"
 
     # ------------------------------------------------------------------ distributed per-example pass
     def compute_per_example(

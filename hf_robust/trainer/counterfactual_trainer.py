@@ -159,6 +159,11 @@ class CounterfactualDistillTrainer(RobustTrainer):
         stages.append(Stage("wise_ft", self._run_wise_ft, self._load_wise_ft))
         return stages
 
+    def health_reference(self) -> tuple[str, str] | None:
+        """Vanilla fine-tuning from the same zero-shot model (the ERM of this method) when it is run, else the
+        zero-shot model the method starts from."""
+        return ("Vanilla FT", "vanilla") if self.args.compare_vanilla else ("Zero-shot", "zero_shot")
+
     def _run_zero_shot(self, stage_dir: Path, resume: bool) -> None:
         self.save_model_state(stage_dir)
         self.evaluate_stage("Zero-shot", stage_dir)

@@ -30,7 +30,7 @@ from ..fair_dropout import (
     fair_dropout_modules,
     inject_fair_dropout,
 )
-from .base_trainer import RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
+from .base_trainer import INITIAL_STAGE, RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
 from .fairdropout_config import FairDropoutDFRConfig, FairDropoutTrainingConfig
 from .last_layer import LastLayerMixin
 
@@ -68,6 +68,13 @@ class FairDropoutTrainer(RobustTrainer):
 
     def __init__(self, model, args: FairDropoutTrainingConfig | None = None, *pargs, **kwargs):
         args = self._resolve_args(args)  # needed before the base __init__: the hooks go in first
+        checkpoint = getattr(args, "erm_checkpoint", None)  # (FairDropout-DFR's config has one)
+        if checkpoint and args.p_gen is None and args.p_mem is None and Path(checkpoint).is_dir():
+            try:  # a saved FairDropout model: its p values (it was trained with them; nothing to select)
+                saved = FairDropoutConfig.from_pretrained(checkpoint)
+                args.p_gen, args.p_mem = saved.p_gen, saved.p_mem
+            except FileNotFoundError:
+                pass  # refused below with the checkpoint check
         model = maybe_wrap_timm(model)
         wanted = args.fair_dropout_config()
         existing = fair_dropout_modules(model)
@@ -82,6 +89,7 @@ class FairDropoutTrainer(RobustTrainer):
                     "model without FairDropout, or arguments that match it."
                 )
         super().__init__(model, args, *pargs, **kwargs)
+        self.selection: dict | None = None
         if self.train_dataset is None and not getattr(args, "erm_checkpoint", None):
             raise DataValidationError(f"{type(self).__name__} needs a train_dataset: FairDropout is a training method.")
 
@@ -91,10 +99,78 @@ class FairDropoutTrainer(RobustTrainer):
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
-        return [Stage("fairdropout", self._run_fairdropout, self._load_fairdropout)]
+        stages = [Stage("fairdropout", self._run_fairdropout, self._load_fairdropout)]
+        if self.selects:
+            stages.insert(0, Stage("select", self._run_select, self._load_select))
+        return stages
+
+    @property
+    def selects(self) -> bool:
+        return self.args.selects_fair_dropout and not getattr(self.args, "erm_checkpoint", None)
+
+    # ------------------------------------------------------------------ label-free selection of p_gen / p_mem
+    def selection_grid(self) -> list[dict]:
+        """Plain ERM (p_gen = p_mem = 1: every neuron always on), then each (p_gen, p_mem) pair of the config."""
+        pairs = zip(self.args.selection_p_gen, self.args.selection_p_mem)
+        return [{"p_gen": 1.0, "p_mem": 1.0}] + [{"p_gen": float(g), "p_mem": float(m)} for g, m in pairs]
+
+    @staticmethod
+    def set_p(model, p_gen: float, p_mem: float) -> None:
+        """Switch the injected FairDropout of `model` to other p values (same positions, masks and seed)."""
+        from dataclasses import replace
+
+        modules = fair_dropout_modules(model)
+        modules.config = replace(modules.config, p_gen=float(p_gen), p_mem=float(p_mem))
+        for layer in modules.layers.values():
+            layer.p_gen, layer.p_mem = float(p_gen), float(p_mem)
+
+    def _run_select(self, stage_dir: Path, resume: bool) -> None:
+        initial = stage_dir / "initial"
+        if not (resume and (initial / "model.safetensors").is_file()):
+            self.save_model_state(initial)  # every candidate starts from these weights
+
+        def train(knobs: dict, folder: Path, resume_candidate: bool) -> None:
+            self.load_model_state(initial)
+            self.set_p(self.model, knobs["p_gen"], knobs["p_mem"])
+            self.train_stage(folder, resume_candidate)
+
+        self.selection = self.run_candidates(stage_dir, self.selection_grid(), train, resume)
+        self.save_stage_json(stage_dir, "selection", self.selection)
+        self._apply_selection()
+
+    def _load_select(self, stage_dir: Path) -> None:
+        self.selection = self.load_stage_json(stage_dir, "selection")
+        self._apply_selection()
+
+    def _apply_selection(self) -> None:
+        chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+        self.set_p(self.model, chosen["p_gen"], chosen["p_mem"])
+        if chosen["p_gen"] == 1.0 and self.is_world_process_zero():
+            logger.warning(
+                "FairDropout did not help on validation: plain ERM (p_gen = 1) had the best worst-class accuracy of "
+                "the %d candidates, so the run keeps the ERM model (see results.json 'selection').",
+                len(self.selection["candidates"]),
+            )
+
+    def health_reference(self) -> tuple[str, str] | None:
+        """With the selection, its ERM candidate (p_gen = 1, same recipe and initial weights); without, the model as
+        given (saved before training)."""
+        if self.selects:
+            return ("ERM (p_gen = 1)", f"select/{self.candidate_folder(Path(), 0)}")
+        return ("the model as given", INITIAL_STAGE)
+
+    def health_reference_model(self, stage: str, model):
+        model = super().health_reference_model(stage, model)
+        if self.selects:  # the ERM candidate: every neuron on
+            self.set_p(model, 1.0, 1.0)
+        return model
 
     def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
-        self.train_or_load_checkpoint(stage_dir, resume, load=self._load_fairdropout_checkpoint)
+        if self.selects:  # the chosen candidate, already trained
+            self.load_model_state(self.candidate_folder(self.stage_dir("select"), self.selection["chosen"]))
+            self.save_model_state(stage_dir)
+        else:
+            self.train_or_load_checkpoint(stage_dir, resume, load=self._load_fairdropout_checkpoint)
         if self.is_world_process_zero():
             self.fair_dropout_config.save_pretrained(stage_dir)
         self.accelerator.wait_for_everyone()
@@ -145,6 +221,11 @@ class FairDropoutTrainer(RobustTrainer):
         return folder
 
     def write_report(self, output_dir: str | None = None) -> None:
+        if self.is_world_process_zero() and self.args.save_plots and getattr(self, "selection", None) is not None:
+            from ..plots import plot_selection
+
+            plot_selection(self.selection, Path(output_dir or self.args.output_dir) / "plots" / "selection.png",
+                           title="FairDropout: label-free selection (p_gen = 1 is ERM)")
         super().write_report(output_dir)
         if not self.is_world_process_zero():
             return
@@ -189,7 +270,16 @@ class FairDropoutTrainer(RobustTrainer):
     def results(self) -> dict:
         results = super().results()
         results["fair_dropout"] = self.fair_dropout_config.to_dict()
+        if getattr(self, "selection", None) is not None:
+            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+            helped = chosen["p_gen"] != 1.0
+            results["selection"] = {
+                **self.selection, "chosen_knobs": chosen, "method_helped": helped,
+                "note": ("a FairDropout model was chosen on validation" if helped else
+                         "FairDropout did not help on validation (worst-class accuracy): the ERM model was kept"),
+            }
         return results
+
 
 
 class FairDropoutDFRTrainer(LastLayerMixin, FairDropoutTrainer):
@@ -224,4 +314,8 @@ class FairDropoutDFRTrainer(LastLayerMixin, FairDropoutTrainer):
     def _load_fairdropout(self, stage_dir: Path) -> None:
         super()._load_fairdropout(stage_dir)
         self.load_stage_results(stage_dir)
+
+    def health_reference(self) -> tuple[str, str] | None:
+        """The FairDropout model before its last layer was retrained."""
+        return ("FairDropout", "fairdropout")
 

@@ -498,6 +498,14 @@ class LastLayerMixin:
         self.finetune_sets: torch.Tensor | None = None
         self.last_layer_info: dict = {}
 
+    def health_dataset(self):
+        """The model-selection half of the held-out split when the health check runs on that split: the head was
+        trained on the other half (and on all of it when heldout_fraction is 1)."""
+        if self.args.health_split == self.args.heldout_split and len(self.selection_idx):
+            position = {idx: i for i, idx in enumerate(self.heldout_dataset["example_idx"])}
+            return self.heldout_dataset.select([position[i] for i in self.selection_idx.tolist()])
+        return super().health_dataset()
+
     # -- settings that depend on the input kind (images: the vision recipe; text: the language recipe)
     def last_layer_settings(self) -> dict:
         text = self.input_kind != "image"

@@ -14,9 +14,10 @@ class MaskTuneConfig(RobustConfig):
     The ERM stage uses the usual training parameters (`num_train_epochs`, `learning_rate`, ...).
 
     Parameters that control the masks:
-        mask_threshold_std (`float`, *optional*, defaults to `2.0`):
+        mask_threshold_std (`float` or `None`, *optional*):
             Per image, pixels whose normalised xGradCAM value exceeds `mean + k * std` of the image's positive
-            values are masked (k = this value; the paper found k = 2 best among 0..3).
+            values are masked (k = this value; the paper found k = 2 best among 0..3). Default: chosen by the
+            selection stage from `selection_thresholds`; 2 when the selection is off.
         masktune_iterations (`int`, *optional*, defaults to `1`):
             Rounds of masking + one-epoch fine-tuning (paper appendix, Table 5).
         accumulative_masking (`bool`, *optional*, defaults to `False`):
@@ -40,6 +41,21 @@ class MaskTuneConfig(RobustConfig):
             stand out MORE on unmasked test images (on `biased_digits` this undid most of the fine-tuning's
             gain). No effect on models without BatchNorm (LayerNorm, GroupNorm).
 
+    Parameters of the label-free selection (stage `select`, after ERM; `hf_robust.trainer.base_trainer.run_candidates`):
+        masktune_selection (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: the knobs left unset (`finetune_learning_rate`, `finetune_batch_size`, `mask_threshold_std`)
+            are chosen from the grids below by worst-CLASS accuracy on the `health_split` eval split (labels
+            only, never groups; ties by accuracy) among one-epoch fine-tunings of the same ERM model, and the ERM
+            model itself is a candidate: when it wins, the run keeps it and says that MaskTune did not help on
+            validation. Setting all three knobs skips the selection. `"off"`: no selection (the paper's defaults
+            for unset knobs: ERM's final learning rate, the ERM batch size, k = 2).
+        selection_learning_rate_factors (`list[float]`, *optional*, defaults to `[0.1, 1.0]`):
+            Fine-tuning learning rates tried, as factors of `learning_rate` (ERM's peak learning rate).
+        selection_batch_size_divisors (`list[int]`, *optional*, defaults to `[4]`):
+            Fine-tuning batch sizes tried, as `per_device_train_batch_size // d` (more updates in the one epoch).
+        selection_thresholds (`list[float]`, *optional*, defaults to `[2.0]`):
+            Values of k tried (the masks are computed once per value).
+
     Parameters that control selective classification (paper section 2.2):
         selective_coverages (`list[float]`, *optional*, defaults to `[1.0, 0.95, 0.9, 0.85, 0.8]`):
             Target coverages; thresholds are calibrated on `selective_calibration_split`.
@@ -50,7 +66,9 @@ class MaskTuneConfig(RobustConfig):
     """
 
     erm_checkpoint: str | None = field(default=None, metadata={"help": "Start from this trained model instead of ERM."})
-    mask_threshold_std: float = field(default=2.0, metadata={"help": "k in the per-image threshold mean + k*std."})
+    mask_threshold_std: float | None = field(
+        default=None, metadata={"help": "k in the per-image threshold mean + k*std (default: selected; 2 without selection)."}
+    )
     masktune_iterations: int = field(default=1, metadata={"help": "Rounds of masking + one-epoch fine-tuning."})
     accumulative_masking: bool = field(default=False, metadata={"help": "Add each round's masks to earlier ones."})
     min_masked_tokens: int = field(default=1, metadata={"help": "Text: mask at least this many top tokens."})
@@ -62,6 +80,18 @@ class MaskTuneConfig(RobustConfig):
     )
     finetune_freeze_norm_statistics: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics of the ERM model during fine-tuning."}
+    )
+    masktune_selection: str = field(
+        default="auto", metadata={"help": "'auto': choose the unset fine-tuning knobs on validation (labels only); 'off'."}
+    )
+    selection_learning_rate_factors: list[float] = field(
+        default_factory=lambda: [0.1, 1.0], metadata={"help": "Fine-tuning LRs tried, as factors of learning_rate."}
+    )
+    selection_batch_size_divisors: list[int] = field(
+        default_factory=lambda: [4], metadata={"help": "Fine-tuning batch sizes tried: per_device_train_batch_size // d."}
+    )
+    selection_thresholds: list[float] = field(
+        default_factory=lambda: [2.0], metadata={"help": "Mask thresholds k tried."}
     )
     selective_coverages: list[float] = field(
         default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8], metadata={"help": "Target coverages."}
@@ -77,7 +107,15 @@ class MaskTuneConfig(RobustConfig):
             raise ValueError(f"masktune_iterations={self.masktune_iterations}: expected 1 or more.")
         if self.finetune_batch_size is not None and self.finetune_batch_size < 1:
             raise ValueError(f"finetune_batch_size={self.finetune_batch_size}: expected a positive batch size.")
-        if self.mask_threshold_std < 0:
+        if self.masktune_selection not in ("auto", "off"):
+            raise ValueError(f"masktune_selection={self.masktune_selection!r}: expected 'auto' or 'off'.")
+        if not self.selection_learning_rate_factors or any(f <= 0 for f in self.selection_learning_rate_factors):
+            raise ValueError(f"selection_learning_rate_factors={self.selection_learning_rate_factors}: expected positive values.")
+        if not self.selection_batch_size_divisors or any(d < 1 for d in self.selection_batch_size_divisors):
+            raise ValueError(f"selection_batch_size_divisors={self.selection_batch_size_divisors}: expected integers >= 1.")
+        if not self.selection_thresholds or any(k < 0 for k in self.selection_thresholds):
+            raise ValueError(f"selection_thresholds={self.selection_thresholds}: expected values >= 0.")
+        if self.mask_threshold_std is not None and self.mask_threshold_std < 0:
             raise ValueError(f"mask_threshold_std={self.mask_threshold_std}: expected a value >= 0.")
         if any(not 0 < c <= 1 for c in self.selective_coverages):
             raise ValueError(f"selective_coverages={self.selective_coverages}: each must be in (0, 1].")

@@ -111,11 +111,15 @@ class MaskTuneTrainer(RobustTrainer):
                 )
         if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
+        self.masks: MaskStore | None = None
+        self.finetune_learning_rate: float | None = None  # set by the erm stage (or the selection)
+        self.finetune_batch_size = self.args.finetune_batch_size or self.args.per_device_train_batch_size
+        self.mask_threshold = self.args.mask_threshold_std if self.args.mask_threshold_std is not None else 2.0
+        self.selection: dict | None = None
+        self.masktune_kept_erm = False
         if self.input_kind == "image":  # a CAM that cannot localise (a 1x1 map) fails here, not after ERM
             batch = self.eval_collator([self.train_dataset[0]])
-            image_masks(self.adapter.model, self.adapter, batch["pixel_values"].to(self.args.device), self.args.mask_threshold_std)
-        self.masks: MaskStore | None = None
-        self.finetune_learning_rate: float | None = None
+            image_masks(self.adapter.model, self.adapter, batch["pixel_values"].to(self.args.device), self.mask_threshold)
         self.selective_results: dict = {}
         self._erm_model = None
 
@@ -125,9 +129,11 @@ class MaskTuneTrainer(RobustTrainer):
     # ------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
         stages = [self.erm_baseline_stage()]
+        if self.selection_grid() is not None:
+            stages.append(Stage("select", self._run_select, self._load_select))
         for i in range(1, self.args.masktune_iterations + 1):
             stages.append(Stage(f"masks_{i}", partial(self._run_masks, i), self._load_masks))
-            stages.append(Stage(f"finetune_{i}", self._run_finetune, self.load_model_state))
+            stages.append(Stage(f"finetune_{i}", partial(self._run_finetune, i), self.load_model_state))
         stages.append(Stage("selective", self._run_selective, self._load_selective))
         return stages
 
@@ -148,24 +154,96 @@ class MaskTuneTrainer(RobustTrainer):
             return self.args.finetune_learning_rate
         if erm_final_lr is None or erm_final_lr <= 1e-3 * self.args.learning_rate:
             fallback = self.args.learning_rate / 10
-            logger.warning(
-                "ERM's schedule ends at a learning rate of %s, too small to fine-tune with; MaskTune fine-tunes at "
-                "learning_rate / 10 = %s. Set finetune_learning_rate to choose.", erm_final_lr, fallback,
-            )
+            if self.selection_grid() is None:
+                logger.warning(
+                    "ERM's schedule ends at a learning rate of %s, too small to fine-tune with; MaskTune fine-tunes at "
+                    "learning_rate / 10 = %s. Set finetune_learning_rate to choose.", erm_final_lr, fallback,
+                )
             return fallback
         return erm_final_lr
 
-    def _run_masks(self, iteration: int, stage_dir: Path, resume: bool) -> None:
-        previous = self.masks if (self.args.accumulative_masking and iteration > 1) else None
+    # ------------------------------------------------------------------ label-free selection
+    def selection_grid(self) -> list[dict] | None:
+        """The candidates of the `select` stage: the ERM model itself, then one-epoch fine-tunings for every
+        combination of the knobs the user left unset (the set ones fixed); None when there is nothing to choose."""
+        args = self.args
+        unset = [args.finetune_learning_rate is None, args.finetune_batch_size is None, args.mask_threshold_std is None]
+        if args.masktune_selection == "off" or not any(unset):
+            return None
+        lrs = ([args.finetune_learning_rate] if args.finetune_learning_rate is not None
+               else [float(f"{f * args.learning_rate:.6g}") for f in args.selection_learning_rate_factors])
+        sizes = ([args.finetune_batch_size] if args.finetune_batch_size is not None
+                 else [max(1, args.per_device_train_batch_size // d) for d in args.selection_batch_size_divisors])
+        ks = [args.mask_threshold_std] if args.mask_threshold_std is not None else list(args.selection_thresholds)
+        grid = [{"finetune": False}]
+        for k in dict.fromkeys(ks):
+            for lr in dict.fromkeys(lrs):
+                for size in dict.fromkeys(sizes):
+                    grid.append({"finetune": True, "finetune_learning_rate": float(lr), "finetune_batch_size": int(size),
+                                 "mask_threshold_std": float(k)})
+        return grid
+
+    def _run_select(self, stage_dir: Path, resume: bool) -> None:
+        grid = self.selection_grid()
+        masks: dict[float, MaskStore] = {}
+        for k in dict.fromkeys(c["mask_threshold_std"] for c in grid if c["finetune"]):
+            name = f"masks_k{k:g}"
+            if resume and (stage_dir / f"{name}.safetensors").is_file():
+                masks[k] = MaskStore.from_state_dict(self.load_stage_tensors(stage_dir, name))
+            else:
+                masks[k] = self._compute_masks(k, None, f"Masking (k={k:g})")
+                self.save_stage_tensors(stage_dir, masks[k].state_dict(), name=name)
+
+        def train(knobs: dict, folder: Path, resume_candidate: bool) -> None:
+            self.load_model_state(self.stage_dir("erm"))
+            if knobs["finetune"]:
+                self.masks = masks[knobs["mask_threshold_std"]]
+                self._finetune(folder, resume_candidate, knobs["finetune_learning_rate"], knobs["finetune_batch_size"])
+
+        self.selection = self.run_candidates(stage_dir, grid, train, resume)
+        self.save_stage_json(stage_dir, "selection", self.selection)
+        self._apply_selection()
+        self.load_model_state(self.stage_dir("erm"))  # the chosen candidate is restored by finetune_1
+
+    def _load_select(self, stage_dir: Path) -> None:
+        self.selection = self.load_stage_json(stage_dir, "selection")
+        self._apply_selection()
+
+    def _apply_selection(self) -> None:
+        chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+        self.masktune_kept_erm = not chosen["finetune"]
+        if chosen["finetune"]:
+            self.finetune_learning_rate = chosen["finetune_learning_rate"]
+            self.finetune_batch_size = chosen["finetune_batch_size"]
+            self.mask_threshold = chosen["mask_threshold_std"]
+        elif self.is_world_process_zero():
+            logger.warning(
+                "MaskTune did not help on validation: the ERM model had the best worst-class accuracy of the %d "
+                "candidates, so the run keeps the ERM model (see results.json 'selection').",
+                len(self.selection["candidates"]),
+            )
+
+    def _compute_masks(self, k: float, previous: MaskStore | None, description: str) -> MaskStore:
         collator = self.eval_collator
         if previous is not None:  # later rounds look at the images as the model was trained on them
             collator = collator.with_options(example_transform=self._transform(previous))
         outputs = self.compute_per_example(
-            self.train_dataset, self._mask_batch, description=f"Masking {iteration}", collator=collator
+            self.train_dataset, partial(self._mask_batch, k=k), description=description, collator=collator
         )
         store = MaskStore(outputs["mask"], outputs["example_idx"])
-        if previous is not None:
-            store = previous.union(store)
+        return previous.union(store) if previous is not None else store
+
+    def _run_masks(self, iteration: int, stage_dir: Path, resume: bool) -> None:
+        if self.masktune_kept_erm:  # the selection kept the ERM model: nothing to mask
+            self.masks = None
+            self.save_stage_json(stage_dir, "masks", {"kept_erm": True})
+            return
+        if iteration == 1 and self.selection is not None:  # computed by the selection for the chosen k
+            name = f"masks_k{self.mask_threshold:g}"
+            store = MaskStore.from_state_dict(self.load_stage_tensors(self.stage_dir("select"), name))
+        else:
+            previous = self.masks if (self.args.accumulative_masking and iteration > 1) else None
+            store = self._compute_masks(self.mask_threshold, previous, f"Masking {iteration}")
         self.save_stage_tensors(stage_dir, store.state_dict(), name="masks")
         self.masks = store
         fraction = store.masked_fraction()
@@ -173,10 +251,12 @@ class MaskTuneTrainer(RobustTrainer):
                   f"masks_{iteration}/unmasked_examples": float((fraction == 0).float().mean())})
 
     def _load_masks(self, stage_dir: Path) -> None:
-        self.masks = MaskStore.from_state_dict(self.load_stage_tensors(stage_dir, "masks"))
+        if (stage_dir / "masks.safetensors").is_file():
+            self.masks = MaskStore.from_state_dict(self.load_stage_tensors(stage_dir, "masks"))
+        else:
+            self.masks = None
 
-    def _mask_batch(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        k = self.args.mask_threshold_std
+    def _mask_batch(self, model, batch: dict, k: float) -> dict[str, torch.Tensor]:
         if self.input_kind == "image":
             return {"mask": image_masks(model, self.adapter, batch["pixel_values"], k)}
         inputs = {key: value for key, value in self.model_inputs(batch).items() if key != "labels"}
@@ -189,7 +269,17 @@ class MaskTuneTrainer(RobustTrainer):
             return store.apply_to_pixels
         return store.token_transform(self.processing_class.mask_token_id)
 
-    def _run_finetune(self, stage_dir: Path, resume: bool) -> None:
+    def _run_finetune(self, iteration: int, stage_dir: Path, resume: bool) -> None:
+        if self.masktune_kept_erm:
+            self.load_model_state(self.stage_dir("erm"))
+        elif iteration == 1 and self.selection is not None:  # the chosen candidate, already fine-tuned
+            self.load_model_state(self.candidate_folder(self.stage_dir("select"), self.selection["chosen"]))
+        else:
+            self._finetune(stage_dir, resume, self.finetune_learning_rate, self.finetune_batch_size)
+        self.save_model_state(stage_dir)
+
+    def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int) -> None:
+        """One epoch on the masked training set (`self.masks`) at a constant learning rate."""
         plain = self.train_collator
         self.train_collator = plain.with_options(example_transform=self._transform(self.masks))
         freeze = self.args.finetune_freeze_norm_statistics
@@ -197,13 +287,11 @@ class MaskTuneTrainer(RobustTrainer):
         try:
             with norm_context:
                 self.train_stage(
-                    stage_dir, resume, num_train_epochs=1, max_steps=-1, learning_rate=self.finetune_learning_rate,
-                    lr_scheduler_type="constant", warmup_steps=0,
-                    per_device_train_batch_size=self.args.finetune_batch_size or self.args.per_device_train_batch_size,
+                    stage_dir, resume, num_train_epochs=1, max_steps=-1, learning_rate=learning_rate,
+                    lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=batch_size,
                 )
         finally:
             self.train_collator = plain
-        self.save_model_state(stage_dir)
 
     # ------------------------------------------------------------------ selective classification
     def erm_model(self):
@@ -263,6 +351,15 @@ class MaskTuneTrainer(RobustTrainer):
     def results(self) -> dict:
         results = super().results()
         results["finetune_learning_rate"] = self.finetune_learning_rate
+        results["finetune_batch_size"] = self.finetune_batch_size
+        results["mask_threshold_std"] = self.mask_threshold
+        if self.selection is not None:
+            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+            results["selection"] = {
+                **self.selection, "chosen_knobs": chosen, "method_helped": bool(chosen["finetune"]),
+                "note": ("MaskTune did not help on validation (worst-class accuracy): the ERM model was kept"
+                         if not chosen["finetune"] else "a MaskTune fine-tuning was chosen on validation"),
+            }
         if self.masks is not None:
             results["masked_fraction_mean"] = float(self.masks.masked_fraction().mean())
         if self.selective_results:
@@ -276,6 +373,10 @@ class MaskTuneTrainer(RobustTrainer):
 
             if self.selective_results.get("curves"):
                 plot_risk_coverage(self.selective_results["curves"], out / "risk_coverage.png")
+            if self.selection is not None:
+                from ..plots import plot_selection
+
+                plot_selection(self.selection, out / "selection.png", title="MaskTune: label-free selection")
             if self.input_kind == "image" and self.masks is not None:
                 self._plot_cams(out / "cam_overlays.png")
         super().write_report(output_dir)

@@ -1,0 +1,264 @@
+"""The health check every run ends with, and the label-free selection of a method's knobs."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model, quick_config
+
+from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer, RobustConfig, RobustTrainer, Stage
+from hf_robust.trainer.health import HealthCheckError, assess, prediction_summary
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_prediction_summary_counts_labels_only():
+    summary = prediction_summary([0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], num_classes=2)
+    assert summary["accuracy"] == pytest.approx(4 / 6)
+    assert summary["class_accuracy"] == pytest.approx([2 / 3, 2 / 3])
+    assert summary["prediction_share"] == pytest.approx([0.5, 0.5])
+    # a class absent from the labels is no worst class
+    summary = prediction_summary([0, 0, 2], [0, 0, 2], num_classes=3)
+    assert summary["class_accuracy"][1] is None and summary["worst_class_accuracy"] == 1.0
+
+
+def test_assess_statuses():
+    erm = prediction_summary([0] * 40 + [1] * 60, [0] * 50 + [1] * 50, 2)  # class 0 at 80%, class 1 at 100%
+    same = prediction_summary([0] * 39 + [1] * 61, [0] * 50 + [1] * 50, 2)  # 78%: within the 2-point margin
+    worse = prediction_summary([0] * 35 + [1] * 65, [0] * 50 + [1] * 50, 2)  # 70%
+    one_class = prediction_summary([1] * 100, [0] * 50 + [1] * 50, 2)
+    assert assess(same, erm)[0] == "ok"
+    status, reason = assess(worse, erm, ["a", "b"])
+    assert status == "worse_than_erm" and "80.0%" in reason and "70.0%" in reason
+    status, reason = assess(one_class, erm, ["a", "b"])
+    assert status == "collapsed" and "'a'" in reason
+    chance = prediction_summary([0, 1] * 50, [0] * 50 + [1] * 50, 2)  # both classes predicted, 50% balanced
+    assert assess(chance, None)[0] == "collapsed"
+    assert assess(worse, None)[0] == "ok"  # no reference: only the collapse checks
+
+
+# ----------------------------------------------------------------------------- the check in a run
+class BreakingTrainer(RobustTrainer):
+    """ERM, then a 'method' that pushes every prediction to class 1: a collapse, forced deterministically."""
+
+    _name = "Breaker"
+
+    def stages(self):
+        return [self.erm_baseline_stage(), Stage("break", self._break, self.load_model_state)]
+
+    def _break(self, stage_dir: Path, resume: bool) -> None:
+        with torch.no_grad():
+            self.adapter.classifier.bias[1] += 1e4
+        self.save_model_state(stage_dir)
+
+
+def breaking_trainer(tmp_path, data, **kwargs):
+    model, processor = make_model("hf_resnet", seed=0)
+    config = quick_config(RobustConfig, tmp_path / "out", logging_steps=100, **kwargs)
+    return BreakingTrainer(model, config, train_dataset=data["train"],
+                           eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]},
+                           processing_class=processor)
+
+
+def predictions(trainer, dataset):
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    batch = trainer.eval_collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(pixel_values=batch["pixel_values"]).logits.argmax(-1).numpy()
+
+
+@pytest.mark.parametrize("on_worse", ["warn", "keep"])
+def test_a_collapse_is_reported_everywhere(tmp_path, small_digits, caplog, on_worse):
+    trainer = breaking_trainer(tmp_path, small_digits, on_worse=on_worse)
+    with caplog.at_level(logging.WARNING, logger="hf_robust"):
+        trainer.train()
+    health = trainer.health
+    assert health["status"] == "collapsed" and health["reference"] == "ERM" and health["action"] == "kept"
+    assert health["method"]["prediction_share"] == pytest.approx([0.0, 1.0])
+    assert health["erm"]["prediction_share"][0] > 0
+    assert (predictions(trainer, small_digits["validation"]) == 1).all()  # the broken model is kept
+    warned = [r for r in caplog.records if "health: collapsed" in r.getMessage()]
+    assert bool(warned) == (on_worse == "warn")
+    trainer.evaluate()
+    trainer.save_model()
+    out = Path(trainer.args.output_dir)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["health"]["status"] == "collapsed"
+    card = (out / "README.md").read_text()
+    body = card.split("---", 2)[2]
+    assert body.index("Health check: `collapsed`") < body.index("## Worst-group accuracy")
+    assert "did worse than ERM" in body
+
+
+def test_fallback_to_erm_restores_the_erm_model(tmp_path, small_digits):
+    trainer = breaking_trainer(tmp_path, small_digits, on_worse="fallback_to_erm")
+    trainer.train()
+    assert trainer.health["status"] == "collapsed" and trainer.health["action"] == "fell back to the ERM model"
+    erm = breaking_trainer(tmp_path / "ref", small_digits)
+    erm.load_model_state(Path(trainer.args.output_dir) / "stages" / "erm")
+    val = small_digits["validation"]
+    np.testing.assert_array_equal(predictions(trainer, val), predictions(erm, val))
+    assert trainer.evaluate()["eval_validation_accuracy"] == pytest.approx(trainer.stage_results["ERM"]["validation"]["accuracy"])
+
+
+def test_error_stops_before_anything_is_saved(tmp_path, small_digits):
+    trainer = breaking_trainer(tmp_path, small_digits, on_worse="error")
+    with pytest.raises(HealthCheckError, match="collapsed"):
+        trainer.train()
+    out = Path(trainer.args.output_dir)
+    assert not (out / "results.json").exists() and not (out / "README.md").exists()
+    assert (out / "stages" / "break" / "stage.json").is_file()  # the stages stay, for a resume with other settings
+
+
+def test_an_unharmed_run_is_ok_and_without_validation_unknown(tmp_path, small_digits):
+    model, processor = make_model("hf_resnet", seed=0)
+    trainer = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "erm"), train_dataset=small_digits["train"],
+                            eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
+    trainer.train()
+    assert trainer.health["status"] in ("ok", "collapsed") and trainer.health["reference"] is None
+    model, processor = make_model("hf_resnet", seed=0)
+    trainer = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "erm2"), train_dataset=small_digits["train"],
+                            eval_dataset={"test_biased": small_digits["test_biased"]}, processing_class=processor)
+    trainer.train()
+    assert trainer.health["status"] == "unknown" and "'validation'" in trainer.health["reason"]
+
+
+def test_masktune_with_an_absurd_learning_rate_is_flagged(tmp_path, small_digits):
+    model, _ = make_model("timm_wrapper_resnet")
+    config = quick_config(MaskTuneConfig, tmp_path / "mt", masktune_selection="off", finetune_learning_rate=50.0,
+                          mask_threshold_std=1.0, num_train_epochs=2)
+    trainer = MaskTuneTrainer(model, config, train_dataset=small_digits["train"],
+                              eval_dataset={"validation": small_digits["validation"]})
+    trainer.train()
+    assert trainer.health["status"] in ("collapsed", "worse_than_erm"), trainer.health
+
+
+# ----------------------------------------------------------------------------- label-free selection
+def mt_selecting(tmp_path, data, **kwargs):
+    torch.manual_seed(0)
+    model, _ = make_model("timm_wrapper_resnet")
+    config = quick_config(MaskTuneConfig, tmp_path / "mt", num_train_epochs=2, mask_threshold_std=1.0,
+                          **{"selection_learning_rate_factors": [0.1, 1.0], "selection_batch_size_divisors": [2],
+                             **kwargs})
+    return MaskTuneTrainer(model, config, train_dataset=data["train"],
+                           eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]})
+
+
+def candidate_predictions(trainer, index, dataset):
+    copy = mt_selecting(Path(trainer.args.output_dir) / "copy", {"train": dataset, "validation": dataset,
+                                                                  "test_biased": dataset})
+    copy.load_model_state(trainer.candidate_folder(trainer.stage_dir("select"), index))
+    return predictions(copy, dataset)
+
+
+@pytest.fixture(scope="module")
+def selection_run(tmp_path_factory, small_digits):
+    trainer = mt_selecting(tmp_path_factory.mktemp("select"), small_digits)
+    trainer.train()
+    return trainer
+
+
+def test_selection_scores_every_candidate_on_validation_and_keeps_the_best(selection_run, small_digits):
+    trainer = selection_run
+    assert trainer.finished_stages == ["erm", "select", "masks_1", "finetune_1", "selective"]
+    selection = trainer.selection
+    knobs = [c["knobs"] for c in selection["candidates"]]
+    assert knobs == [{"finetune": False},
+                     {"finetune": True, "finetune_learning_rate": 1e-4, "finetune_batch_size": 16, "mask_threshold_std": 1.0},
+                     {"finetune": True, "finetune_learning_rate": 1e-3, "finetune_batch_size": 16, "mask_threshold_std": 1.0}]
+    val = small_digits["validation"]
+    labels = np.asarray(val["label"])
+    scores = []
+    for i, record in enumerate(selection["candidates"]):
+        pred = candidate_predictions(trainer, i, val)
+        worst = min((pred[labels == c] == c).mean() for c in (0, 1))
+        assert record["validation"]["worst_class_accuracy"] == pytest.approx(worst)
+        scores.append((worst, (pred == labels).mean()))
+    assert selection["chosen"] == max(range(3), key=lambda i: (scores[i], -i))
+    # the final model is the chosen candidate; the report says what was chosen
+    np.testing.assert_array_equal(predictions(trainer, val), candidate_predictions(trainer, selection["chosen"], val))
+    results = trainer.results()
+    assert results["selection"]["chosen_knobs"] == knobs[selection["chosen"]]
+    assert results["selection"]["method_helped"] == (selection["chosen"] != 0)
+
+
+def test_selection_never_reads_group_labels(selection_run, small_digits, tmp_path):
+    from datasets import DatasetDict
+
+    blind = DatasetDict({name: split.map(lambda row: {"group": -1}) for name, split in small_digits.items()})
+    trainer = mt_selecting(tmp_path, blind)
+    trainer.train()
+    assert trainer.selection["chosen"] == selection_run.selection["chosen"]
+    for mine, theirs in zip(trainer.selection["candidates"], selection_run.selection["candidates"]):
+        assert mine["knobs"] == theirs["knobs"]
+        assert mine["validation"]["worst_class_accuracy"] == theirs["validation"]["worst_class_accuracy"]
+
+
+def test_the_erm_model_wins_when_fine_tuning_hurts(tmp_path, small_digits, caplog):
+    trainer = mt_selecting(tmp_path, small_digits, selection_learning_rate_factors=[5e4])
+    with caplog.at_level(logging.WARNING, logger="hf_robust"):
+        trainer.train()
+    assert trainer.selection["chosen"] == 0 and trainer.masktune_kept_erm
+    assert any("MaskTune did not help on validation" in r.getMessage() for r in caplog.records)
+    results = trainer.results()
+    assert results["selection"]["method_helped"] is False and "ERM model was kept" in results["selection"]["note"]
+    assert trainer.selection["candidates"][1]["validation"]["nonfinite_share"] > 0  # the broken candidate
+    assert trainer.health["method"] == trainer.health["erm"]  # the kept model is the ERM model
+    val = small_digits["validation"]
+    np.testing.assert_array_equal(predictions(trainer, val), candidate_predictions(trainer, 0, val))
+
+
+def test_setting_every_knob_skips_the_selection(tmp_path, small_digits):
+    trainer = mt_selecting(tmp_path, small_digits, finetune_learning_rate=1e-3, finetune_batch_size=16)
+    assert "select" not in [s.name for s in trainer.stages()]
+
+
+def test_candidates_resume_one_by_one(tmp_path, small_digits):
+    model, processor = make_model("hf_resnet", seed=0)
+    trainer = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "out"), train_dataset=small_digits["train"],
+                            eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
+    calls = []
+
+    def train(knobs, folder, resume):
+        calls.append(knobs["bias"])
+        if knobs["bias"] == 2 and len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted during the third candidate
+        with torch.no_grad():
+            trainer.adapter.classifier.bias.copy_(torch.tensor([0.0, float(knobs["bias"])]))
+
+    grid = [{"bias": 0}, {"bias": 1}, {"bias": 2}, {"bias": -1}]
+    stage = tmp_path / "out" / "stages" / "select"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_candidates(stage, grid, train, resume=False)
+    selection = trainer.run_candidates(stage, grid, train, resume=True)
+    assert calls == [0, 1, 2, 2, -1]  # the finished candidates were not trained again
+    assert [c["knobs"] for c in selection["candidates"]] == grid
+
+
+def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_digits):
+    from hf_robust.fair_dropout import fair_dropout_modules
+    from hf_robust.trainer import FairDropoutTrainer, FairDropoutTrainingConfig
+
+    model, processor = make_model("hf_resnet", seed=0)
+    config = quick_config(FairDropoutTrainingConfig, tmp_path / "fd", fair_dropout_positions=["dp4"],
+                          selection_p_gen=[0.5], selection_p_mem=[0.1], export_model=False)
+    trainer = FairDropoutTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
+                                 eval_dataset={"validation": small_digits["validation"]})
+    trainer.train()
+    assert trainer.finished_stages == ["select", "fairdropout"]
+    knobs = [c["knobs"] for c in trainer.selection["candidates"]]
+    assert knobs == [{"p_gen": 1.0, "p_mem": 1.0}, {"p_gen": 0.5, "p_mem": 0.1}]
+    chosen = knobs[trainer.selection["chosen"]]
+    assert fair_dropout_modules(trainer.model).config.p_gen == chosen["p_gen"]
+    # the health check's reference is the ERM candidate, scored as the selection scored it
+    assert trainer.health["reference"] == "ERM (p_gen = 1)"
+    assert trainer.health["erm"] == trainer.selection["candidates"][0]["validation"]
+    assert trainer.health["method"] == trainer.selection["candidates"][trainer.selection["chosen"]]["validation"]
+    # the ERM candidate is plain ERM: the same run without FairDropout gives the same validation predictions
+    model, processor = make_model("hf_resnet", seed=0)
+    erm = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "erm"), train_dataset=small_digits["train"],
+                        eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
+    erm.train()
+    assert erm.health["method"]["class_accuracy"] == pytest.approx(trainer.health["erm"]["class_accuracy"], abs=0.02)
