@@ -230,6 +230,7 @@ def load_benchmark(
     path: str | os.PathLike | None = None,
     label_column: str = "label",
     attribute_column: str | None = "attribute",
+    remap_labels: bool = False,
     **kwargs,
 ) -> DatasetDict:
     """Load a group-annotated benchmark, or a user dataset from a local path.
@@ -241,6 +242,7 @@ def load_benchmark(
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
         label_column, attribute_column: the columns of a local dataset (see `as_group_dataset`); string values
             are encoded as class indices shared by every split.
+        remap_labels: renumber the integer labels of a local dataset that leave gaps (see `as_group_dataset`).
         kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones).
 
     Returns:
@@ -260,7 +262,7 @@ def load_benchmark(
             raise DataValidationError(
                 f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
             )
-        return as_group_dataset(raw, label_column, attribute_column)
+        return as_group_dataset(raw, label_column, attribute_column, remap_labels=remap_labels)
     if os.sep in name or name.startswith("."):
         raise DataValidationError(f"{name}: no such file or directory (expected a local dataset folder).")
     raise DataValidationError(
