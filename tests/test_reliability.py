@@ -305,6 +305,19 @@ def test_a_finished_run_folder_is_refused_then_replaced_on_request(tmp_path, tra
     assert json.loads((out / "results.json").read_text())["seed"] == 1
 
 
+def test_a_full_disk_while_training_is_one_error_line(tmp_path, train_script, digits, monkeypatch):
+    import transformers.modeling_utils
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=rf"^error: no space left on the device of {out}/stages/erm/checkpoint-1"):
+        train_script.main(_argv(out, "--save_strategy", "steps", "--save_steps", "1"))
+    assert not (out / "results.json").exists() and not (out / LOCK_NAME).exists()
+
+
 def test_help_says_how_subsets_are_drawn():
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert "stratified by label" in " ".join(result.stdout.split()) and "--overwrite_output_dir" in result.stdout
