@@ -221,6 +221,22 @@ def test_empty_splits(tmp_path, small_digits):
                       eval_dataset={"test": small_digits["validation"].select([])}, processing_class=processor)
 
 
+def test_empty_splits_of_a_local_dataset_are_one_error_line(tmp_path, train_script):
+    """`datasets` itself cannot load an empty split (IndexError / "corresponds to no data"): named before it tries."""
+    from datasets import Features, Value
+
+    features = Features(text=Value("string"), label=Value("int64"))
+    splits = {"train": {"text": ["a b", "c d"], "label": [0, 1]}, "test": {"text": [], "label": []}}
+    DatasetDict({k: Dataset.from_dict(v, features=features) for k, v in splits.items()}).save_to_disk(tmp_path / "dd")
+    (tmp_path / "pq").mkdir()
+    for name, columns in splits.items():
+        Dataset.from_dict(columns, features=features).to_parquet(tmp_path / "pq" / f"{name}.parquet")
+    with pytest.raises(SystemExit, match=r"^error: The local dataset .*/dd has empty splits \(split 'test': 0 rows\)"):
+        train_script.main(_argv(tmp_path / "run", "--dataset", str(tmp_path / "dd")))
+    with pytest.raises(SystemExit, match=r"^error: The local dataset .*/pq has empty splits \(test.parquet: 0 rows\)"):
+        train_script.main(_argv(tmp_path / "run", "--dataset", str(tmp_path / "pq")))
+
+
 def test_empty_text_is_a_warning_and_none_an_error(tmp_path, text_data, tokenizer, caplog):
     model, _ = make_model("hf_bert")
     train = text_data["train"]

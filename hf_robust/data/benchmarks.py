@@ -56,11 +56,47 @@ def _read(name: str, hub_id: str, config: str | None, path) -> DatasetDict:
                 f"save a copy with the same layout and pass path=<dir> (or --dataset <dir>), or set "
                 f"HF_ROBUST_DATA=<root> with the copy in <root>/{name}."
             ) from error
-    if (local / "dataset_dict.json").exists():
-        return load_from_disk(str(local))
-    if config and (local / config).is_dir():
+    if config and (local / config).is_dir() and not (local / "dataset_dict.json").exists():
         local = local / config
-    return load_dataset(str(local))
+    return _load_local(local)
+
+
+def _empty_parts(local: Path) -> list[str]:
+    """The splits (save_to_disk) or parquet files of a local dataset that hold no rows: `datasets` cannot load
+    them (IndexError / "corresponds to no data")."""
+    empty = []
+    if (local / "dataset_dict.json").exists():
+        for split in json.loads((local / "dataset_dict.json").read_text()).get("splits", []):
+            state = local / split / "state.json"
+            if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                empty.append(f"split {split!r}")
+        return empty
+    import pyarrow.parquet as pq
+
+    for file in sorted(local.rglob("*.parquet")):
+        try:
+            if pq.ParquetFile(file).metadata.num_rows == 0:
+                empty.append(str(file.relative_to(local)))
+        except Exception:  # not a parquet file datasets could read either: its own error says so
+            continue
+    return empty
+
+
+def _load_local(local: Path) -> DatasetDict | Dataset:
+    empty = _empty_parts(local)
+    if empty:
+        raise DataValidationError(
+            f"The local dataset {local} has empty splits ({', '.join(empty)}: 0 rows), which `datasets` cannot "
+            "load. Remove them, or give them examples."
+        )
+    try:
+        return load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
+    except (IndexError, ValueError) as error:
+        raise DataValidationError(
+            f"`datasets` could not read the local dataset {local}: {type(error).__name__}: {error}. Expected a "
+            "save_to_disk folder of a DatasetDict, or a folder of parquet files named by split, every split with "
+            "examples."
+        ) from error
 
 
 def _rename_splits(dataset: DatasetDict, mapping: dict[str, str]) -> DatasetDict:
@@ -257,7 +293,7 @@ def load_benchmark(
                 f"{name} holds a single Dataset (save_to_disk of one split); expected a DatasetDict with train and "
                 "evaluation splits: DatasetDict({'train': ..., 'validation': ...}).save_to_disk(...)."
             )
-        raw = load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
+        raw = _load_local(local)
         if isinstance(raw, Dataset):
             raise DataValidationError(
                 f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
