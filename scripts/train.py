@@ -20,11 +20,22 @@ cifar10, svhn) or the path of a local dataset; `--dataset_path` points a Hub ben
 Models: a preset (digits-resnet18, minilm), a transformers model id or folder, `timm/<name>` or a timm
 architecture name. Every run writes the model, results.json, plots/ and a model card README.md into
 --output_dir; `--push_to_hub --hub_model_id <id>` then uploads them.
+
+An output folder belongs to one run at a time (a second run into it stops at once, naming the first); a folder
+holding a finished run is replaced only with --overwrite_output_dir (the old run stays until the new one has saved
+everything) or continued with --resume_from_checkpoint true.
+
+Exit codes: 0 the run finished and everything is saved; 2 a problem you can fix (bad flag or config, data that
+does not fit the data model, a model that cannot be loaded, a missing extra, an output folder in use, finished,
+unwritable or out of space, a failed push after saving): one `error:` line says what and how, nothing that looks
+like a finished run is left; 1 an unexpected failure (a traceback: please report it).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import importlib
 import os
 import sys
@@ -110,8 +121,20 @@ class ScriptArguments:
     eval_splits: str | None = field(
         default=None, metadata={"help": "Comma-separated splits to evaluate (default: every other split)."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples per eval split."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on N examples: a random subset seeded by --dataset_seed, stratified by label (each "
+                          "class keeps its share), not the first N rows."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on N examples per split: a random subset seeded by --dataset_seed, stratified by "
+                          "group (by label where groups are unknown)."},
+    )
+    remap_labels: bool = field(
+        default=False,
+        metadata={"help": "Renumber integer labels with gaps (e.g. 0, 2, 5) as 0..K-1 (refused otherwise)."},
+    )
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file with any of these flags."})
 
 
@@ -200,6 +223,45 @@ def _use_the_cores_of_a_single_cpu_process() -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 
+def _errors_as_one_line(run):
+    """Failures the user can fix, wherever they surface, as one `error:` line (SystemExit) instead of a traceback:
+    the library's own refusals, a missing package (an extra not installed), a folder that cannot be written, a full
+    disk. Anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        from hf_robust.data.core import DataValidationError
+        from hf_robust.run_folder import OutputDirError, is_disk_full
+        from hf_robust.trainer.base_trainer import HubPushError, OutputWriteError, RunSetupError
+
+        try:
+            return run(*args, **kwargs)
+        except (OutputDirError, OutputWriteError, DataValidationError, RunSetupError, HubPushError) as error:
+            sys.exit(f"error: {error}")
+        except ImportError as error:
+            sys.exit(f"error: a package this run needs is not installed: {error}")
+        except Exception as error:
+            if is_disk_full(error):
+                where = getattr(error, "filename", None)
+                sys.exit(
+                    f"error: no space left on the device{f' of {where}' if where else ''} (output_dir "
+                    f"{_output_dir(args, kwargs)}): {error}. Free some space or pick another --output_dir, then "
+                    "resume with --resume_from_checkpoint true (finished stages are kept)."
+                )
+            if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                sys.exit(f"error: cannot write {error.filename or _output_dir(args, kwargs)} ({error.strerror}): "
+                         "pick a --output_dir you can write to, or fix its permissions.")
+            raise
+
+    return wrapper
+
+
+def _output_dir(args, kwargs) -> str:
+    argv = list(kwargs.get("argv") or (args[0] if args else None) or sys.argv[1:])
+    return argv[argv.index("--output_dir") + 1] if "--output_dir" in argv[:-1] else "(see --output_dir)"
+
+
+@_errors_as_one_line
 def main(argv: list[str] | None = None) -> dict:
     script_args, config = parse_args(argv)
     _use_the_cores_of_a_single_cpu_process()
@@ -207,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     from hf_robust.data import load_benchmark
-    from hf_robust.data.core import DataValidationError, input_kind, label_names
+    from hf_robust.data.core import DataValidationError, input_kind, label_names, stratified_subset
     from hf_robust.models import load_model
     from hf_robust.reporting import format_group_table
     from hf_robust.data.benchmarks import BENCHMARKS as BENCHMARK_NAMES
@@ -220,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if os.path.exists(script_args.dataset) and script_args.dataset not in BENCHMARK_NAMES:
             data = load_benchmark(script_args.dataset, label_column=script_args.label_column,
-                                  attribute_column=script_args.attribute_column)
+                                  attribute_column=script_args.attribute_column, remap_labels=script_args.remap_labels)
         else:
             data = load_benchmark(script_args.dataset, path=script_args.dataset_path, seed=script_args.dataset_seed)
     except DataValidationError as error:
@@ -237,10 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: --eval_splits {missing} are not splits of {script_args.dataset} ({list(data)}).")
     train = data[script_args.train_split]
     if script_args.max_train_samples:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
+        train = stratified_subset(train, script_args.max_train_samples, seed=script_args.dataset_seed)
     evals = {s: data[s] for s in eval_names}
     if script_args.max_eval_samples:
-        evals = {s: d.select(range(min(script_args.max_eval_samples, len(d)))) for s, d in evals.items()}
+        evals = {s: stratified_subset(d, script_args.max_eval_samples, seed=script_args.dataset_seed,
+                                      by="group" if len(d) and min(d["group"]) >= 0 else "label")
+                 for s, d in evals.items()}
 
     kind = input_kind(train)
     names = label_names(train)
@@ -297,4 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:  # the `error:` lines: a problem the user can fix, exit code 2
+        if isinstance(stop.code, str) and stop.code.startswith("error:"):
+            print(stop.code, file=sys.stderr)
+            sys.exit(2)
+        raise

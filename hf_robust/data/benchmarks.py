@@ -56,11 +56,47 @@ def _read(name: str, hub_id: str, config: str | None, path) -> DatasetDict:
                 f"save a copy with the same layout and pass path=<dir> (or --dataset <dir>), or set "
                 f"HF_ROBUST_DATA=<root> with the copy in <root>/{name}."
             ) from error
-    if (local / "dataset_dict.json").exists():
-        return load_from_disk(str(local))
-    if config and (local / config).is_dir():
+    if config and (local / config).is_dir() and not (local / "dataset_dict.json").exists():
         local = local / config
-    return load_dataset(str(local))
+    return _load_local(local)
+
+
+def _empty_parts(local: Path) -> list[str]:
+    """The splits (save_to_disk) or parquet files of a local dataset that hold no rows: `datasets` cannot load
+    them (IndexError / "corresponds to no data")."""
+    empty = []
+    if (local / "dataset_dict.json").exists():
+        for split in json.loads((local / "dataset_dict.json").read_text()).get("splits", []):
+            state = local / split / "state.json"
+            if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+                empty.append(f"split {split!r}")
+        return empty
+    import pyarrow.parquet as pq
+
+    for file in sorted(local.rglob("*.parquet")):
+        try:
+            if pq.ParquetFile(file).metadata.num_rows == 0:
+                empty.append(str(file.relative_to(local)))
+        except Exception:  # not a parquet file datasets could read either: its own error says so
+            continue
+    return empty
+
+
+def _load_local(local: Path) -> DatasetDict | Dataset:
+    empty = _empty_parts(local)
+    if empty:
+        raise DataValidationError(
+            f"The local dataset {local} has empty splits ({', '.join(empty)}: 0 rows), which `datasets` cannot "
+            "load. Remove them, or give them examples."
+        )
+    try:
+        return load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
+    except (IndexError, ValueError) as error:
+        raise DataValidationError(
+            f"`datasets` could not read the local dataset {local}: {type(error).__name__}: {error}. Expected a "
+            "save_to_disk folder of a DatasetDict, or a folder of parquet files named by split, every split with "
+            "examples."
+        ) from error
 
 
 def _rename_splits(dataset: DatasetDict, mapping: dict[str, str]) -> DatasetDict:
@@ -246,6 +282,7 @@ def load_benchmark(
     path: str | os.PathLike | None = None,
     label_column: str = "label",
     attribute_column: str | None = "attribute",
+    remap_labels: bool = False,
     **kwargs,
 ) -> DatasetDict:
     """Load a group-annotated benchmark, or a user dataset from a local path.
@@ -257,6 +294,7 @@ def load_benchmark(
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
         label_column, attribute_column: the columns of a local dataset (see `as_group_dataset`); string values
             are encoded as class indices shared by every split.
+        remap_labels: renumber the integer labels of a local dataset that leave gaps (see `as_group_dataset`).
         kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones).
 
     Returns:
@@ -271,12 +309,12 @@ def load_benchmark(
                 f"{name} holds a single Dataset (save_to_disk of one split); expected a DatasetDict with train and "
                 "evaluation splits: DatasetDict({'train': ..., 'validation': ...}).save_to_disk(...)."
             )
-        raw = load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
+        raw = _load_local(local)
         if isinstance(raw, Dataset):
             raise DataValidationError(
                 f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
             )
-        return as_group_dataset(raw, label_column, attribute_column)
+        return as_group_dataset(raw, label_column, attribute_column, remap_labels=remap_labels)
     if os.sep in name or name.startswith("."):
         raise DataValidationError(f"{name}: no such file or directory (expected a local dataset folder).")
     raise DataValidationError(

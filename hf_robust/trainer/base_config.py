@@ -26,6 +26,12 @@ class RobustConfig(TrainingArguments):
         cam_target_layer (`str` or `None`, *optional*):
             Name of the layer whose activations class activation maps are computed from.
 
+    Parameters that control the output folder:
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let a new run replace the finished run (`results.json`) in `output_dir`. Without it such a run is refused
+            before training (resume it with `resume_from_checkpoint`, or pick another folder). The old run is kept
+            until the new one has written all its final files, which are then swapped in.
+
     Parameters that control the report:
         save_plots (`bool`, *optional*, defaults to `True`):
             Write the per-group accuracy plot (and method plots) into `output_dir/plots`.
@@ -75,6 +81,11 @@ class RobustConfig(TrainingArguments):
         default=0.02, metadata={"help": "Validation worst-class accuracy drop that counts as worse (0.02 = 2 points)."}
     )
     health_split: str = field(default="validation", metadata={"help": "Eval split of the health check."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished run in output_dir (refused otherwise; the old run stays until the new "
+                          "one has saved everything)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -32,8 +32,19 @@ from transformers import Trainer
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint
 
 from ..adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter, unwrap_model
-from ..data.core import DataValidationError, group_names, validate_group_dataset
+from ..data.core import DataValidationError, check_classes, group_names, validate_group_dataset
 from ..files import publish
+from ..run_folder import (
+    OutputDirError,
+    OutputDirLock,
+    is_disk_full,
+    is_finished_run,
+    normalise_permissions,
+    refuse_finished_run,
+    remove_leftovers,
+    swap_in,
+    unwritable_output_dir,
+)
 from ..preprocessing import GroupDataCollator, ImagePreprocessing
 from .base_config import RobustConfig
 from .health import HealthCheckError, assess, format_health, prediction_summary, selection_score
@@ -55,6 +66,36 @@ class RunSetupError(ValueError):
 
 class HubPushError(RuntimeError):
     """Pushing to the Hub failed; everything was saved locally first."""
+
+
+class OutputWriteError(OSError):
+    """The final save failed for lack of space (or quota); the output folder keeps what it held before."""
+
+
+# output folders this process holds, with the number of trainers holding each: one process may run several
+# trainers into one folder one after another (a notebook, a resume); another process may not
+_HELD_OUTPUT_DIRS: dict[Path, list] = {}
+
+
+def _hold_output_dir(folder: Path) -> None:
+    key = folder.resolve()
+    if key not in _HELD_OUTPUT_DIRS:
+        _HELD_OUTPUT_DIRS[key] = [OutputDirLock(folder).acquire(), 0]
+    _HELD_OUTPUT_DIRS[key][1] += 1
+
+
+def _release_output_dir(folder: Path) -> None:
+    key = folder.resolve()
+    held = _HELD_OUTPUT_DIRS.get(key)
+    if held is not None:
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD_OUTPUT_DIRS[key]
+            held[0].release()
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 @dataclass
@@ -300,6 +341,10 @@ class RobustTrainer(Trainer):
         else:
             self.train_collator = data_collator
         self.eval_collator = data_collator
+        try:  # (transformers' Trainer creates it: an unwritable folder is refused here, before any training)
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise unwritable_output_dir(Path(args.output_dir), error) from error
         super().__init__(
             model=model,
             args=args,
@@ -323,6 +368,10 @@ class RobustTrainer(Trainer):
         self._train_output = None
         self._uses_erm_baseline = False  # set by erm_baseline_stage(): the health check's reference is ERM
         self.health: dict = {}
+        self._holds_output_dir = False
+        self._wrote_finished_run = False
+        self._staging_dir: Path | None = None  # where the final save writes (a temporary folder in the target)
+        self._final_output_dir: Path | None = None  # the folder it is for (names in the card)
 
     # ------------------------------------------------------------------ validation
     def required_adapter_pieces(self, input_kind: str) -> tuple[str, ...]:
@@ -340,6 +389,8 @@ class RobustTrainer(Trainer):
         elif eval_dataset is not None:
             splits["eval_dataset"] = eval_dataset
         kinds = {name: validate_group_dataset(split, name, num_labels=num_labels) for name, split in splits.items()}
+        if train_dataset is not None and num_labels:
+            check_classes(train_dataset, "train_dataset", num_labels)
         found = set(kinds.values())
         if len(found) > 1:
             raise DataValidationError(f"The splits have different input kinds: {kinds}.")
@@ -474,12 +525,63 @@ class RobustTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the model; a call from user code (not a checkpoint) also writes results.json, plots and the
         model card, evaluating the model first if it was not evaluated since its training. Pushing happens only
-        in `push_to_hub`."""
-        super().save_model(output_dir, _internal_call=True)
-        if not _internal_call:
-            if not self.eval_results and self.eval_dataset is not None:
-                self.evaluate()
-            self.write_report(output_dir)
+        in `push_to_hub`.
+
+        From user code, everything is written into a temporary folder inside `output_dir` and swapped in when
+        all of it is written (`hf_robust.run_folder.swap_in`): a failure (e.g. a full disk, `OutputWriteError`)
+        leaves the folder as it was. The run's lock on `output_dir` is released afterwards."""
+        if _internal_call or self._staging_dir is not None:
+            super().save_model(output_dir, _internal_call=True)
+            if not _internal_call:
+                self.write_report(output_dir)
+            return
+        if not self.eval_results and self.eval_dataset is not None:
+            self.evaluate()
+        target = Path(output_dir or self.args.output_dir)
+        own = target.resolve() == Path(self.args.output_dir).resolve()
+        if own:
+            self.claim_output_dir(resume=True)  # a model saved without train(): the folder is this run's too
+        elif self.is_world_process_zero():
+            _hold_output_dir(target)
+        try:
+            self._save_final(target)
+        finally:
+            if own:
+                self.release_output_dir()
+            elif self.is_world_process_zero():
+                _release_output_dir(target)
+
+    def _save_final(self, target: Path) -> None:
+        from ..run_folder import new_staging_dir
+
+        staging = [str(new_staging_dir(target)) if self.is_world_process_zero() else None]
+        if self.args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(staging)
+        self._staging_dir, self._final_output_dir = Path(staging[0]), target
+        try:
+            self.save_model(staging[0])  # the whole save, subclasses' additions included, into the staging folder
+            if self.is_world_process_zero():
+                swap_in(self._staging_dir, target)
+                self._wrote_finished_run = True
+        except Exception as error:
+            if self.is_world_process_zero():
+                shutil.rmtree(self._staging_dir, ignore_errors=True)
+            if is_disk_full(error):
+                needed = _model_bytes(self.accelerator.unwrap_model(self.model))
+                free = shutil.disk_usage(target).free
+                raise OutputWriteError(
+                    f"No space left on the device of {target} while saving the model, results.json, card and plots "
+                    f"(they need about {needed / 2**20:.0f} MiB for the weights alone, plus a few MiB; "
+                    f"{free / 2**20:.0f} MiB are free now). Nothing in {target} was changed: free some space (or "
+                    "pick another --output_dir) and resume the run (--resume_from_checkpoint true): its finished "
+                    "stages are kept."
+                ) from error
+            raise
+        finally:
+            self._staging_dir = self._final_output_dir = None
+        self.accelerator.wait_for_everyone()
 
     def write_report(self, output_dir: str | None = None) -> None:
         if not self.is_world_process_zero():
@@ -525,6 +627,8 @@ class RobustTrainer(Trainer):
         from ..modelcard import build_model_card
 
         results = results or self.results()
+        if self._staging_dir is not None and output_dir is not None and Path(output_dir) == self._staging_dir:
+            output_dir = self._final_output_dir  # the card names the folder it is saved for, not its staging
         repo = self.args.hub_model_id or Path(output_dir or self.args.output_dir).absolute().name
         usage = self.usage_snippet(repo)
         baseline = next(iter(self.stage_results), None)
@@ -611,11 +715,12 @@ class RobustTrainer(Trainer):
                  "world_size": self.args.world_size, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "settings": self.run_settings()},
             )
+            normalise_permissions(self.stage_dir(name))  # safetensors writes its files owner-only
         self.accelerator.wait_for_everyone()
 
     # settings of the config that change no stage's outputs (where and how a run is saved, logged, shown)
     _SETTINGS_IGNORED = frozenset({"save_plots", "plot_examples", "cam_examples_per_group", "export_model",
-                                   "on_worse", "health_margin", "health_split"})
+                                   "on_worse", "health_margin", "health_split", "overwrite_output_dir"})
     # TrainingArguments settings that change what a stage computes (the per-device batch size enters as the
     # global batch: a run may resume on another number of processes)
     _TRAINING_SETTINGS = (
@@ -688,9 +793,17 @@ class RobustTrainer(Trainer):
                     f"stages ({Path(self.args.output_dir) / STAGES_DIR}/<stage>/checkpoint-<step>): pass one of "
                     "them, or resume_from_checkpoint=True for the last checkpoint of the interrupted stage."
                 )
+        self.claim_output_dir(resume)
+        try:
+            return self._run_stages(resume)
+        except BaseException:
+            self.release_output_dir()
+            raise
+
+    def _run_stages(self, resume: bool):
         if not resume and self.is_world_process_zero():
+            # a finished run's results.json stays until this run's final save replaces it (overwrite_output_dir)
             shutil.rmtree(Path(self.args.output_dir) / STAGES_DIR, ignore_errors=True)
-            (Path(self.args.output_dir) / RESULTS_NAME).unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
         self.finished_stages, self.skipped_stages = [], []
         self.eval_results = {}  # an evaluation of the model before this training no longer describes it
@@ -717,6 +830,39 @@ class RobustTrainer(Trainer):
         self.current_stage = None
         self.run_health_check()
         return self._train_output
+
+    # ------------------------------------------------------------------ the output folder
+    def claim_output_dir(self, resume: bool = False) -> None:
+        """Make `output_dir` this run's, before anything is written: lock it (another live run's lock is an
+        `OutputDirBusyError` naming it), and refuse to start a new run over a finished one unless it is a resume,
+        `overwrite_output_dir` is set, or this trainer wrote it. Every process raises the same error."""
+        folder = Path(self.args.output_dir)
+        error = None
+        if self.is_world_process_zero() and not self._holds_output_dir:
+            try:
+                _hold_output_dir(folder)
+                self._holds_output_dir = True
+                if not (resume or self.args.overwrite_output_dir or self._wrote_finished_run) and is_finished_run(folder):
+                    refuse_finished_run(folder)
+                remove_leftovers(folder)  # staging folders of a run that died while saving
+            except OutputDirError as caught:
+                error = caught
+                self.release_output_dir()
+        if self.args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = [None if error is None else (type(error), str(error))]
+            broadcast_object_list(message)
+            if message[0] is not None and error is None:
+                error = message[0][0](message[0][1])
+        if error is not None:
+            raise error
+
+    def release_output_dir(self) -> None:
+        """Let other runs use `output_dir` (after this run's final save, or when it fails)."""
+        if self._holds_output_dir:
+            self._holds_output_dir = False
+            _release_output_dir(Path(self.args.output_dir))
 
     def train_stage(self, stage_dir: Path, resume: bool, train_dataset: Dataset | None = None, **arg_overrides):
         """Run the Trainer loop as one stage: checkpoints go to `stage_dir`, a fresh optimizer and scheduler,

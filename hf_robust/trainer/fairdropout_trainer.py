@@ -202,7 +202,9 @@ class FairDropoutTrainer(RobustTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the FairDropout model (+ its config); from user code also the report and, with `export_model`,
         the stock model in `output_dir/exported`."""
-        if not _internal_call and self.args.export_model and self.is_world_process_zero():
+        # from user code the base class saves everything into a staging folder (`_staging_dir`) and swaps it in:
+        # the export goes there, with the rest
+        if not _internal_call and self._staging_dir is not None and self.args.export_model and self.is_world_process_zero():
             self.export(Path(output_dir or self.args.output_dir) / EXPORT_DIR)
         super().save_model(output_dir, _internal_call)
 
@@ -237,7 +239,7 @@ class FairDropoutTrainer(RobustTrainer):
         """The stock export when there is one (same predictions, plain transformers), else the FairDropout model
         with its layers re-applied: a plain `from_pretrained` of the folder would run with every neuron on."""
         auto = "AutoModelForImageClassification" if self.input_kind == "image" else "AutoModelForSequenceClassification"
-        if (Path(self.args.output_dir) / EXPORT_DIR).is_dir():
+        if (Path(self._staging_dir or self.args.output_dir) / EXPORT_DIR).is_dir():
             return (f"from transformers import {auto}\n\n# the stock export: evaluation-time masks folded into the "
                     f'weights\nmodel = {auto}.from_pretrained("{repo}", subfolder="{EXPORT_DIR}")')
         return (f"from transformers import {auto}\nfrom hf_robust.fair_dropout import load_fair_dropout\n\n"
