@@ -44,7 +44,11 @@ def test_per_example_pass_matches_one_process(runs):
 @pytest.mark.distributed
 def test_training_lands_within_tolerance(runs):
     """Stated tolerance: the same examples per optimizer step (32 = 2 x 16), so parameters agree to 1e-3 and the
-    per-step losses to 1e-3 after an epoch; evaluation accuracies within one example."""
+    per-step losses to 1e-3 after an epoch (8 AdamW steps, lr 1e-3); evaluation accuracies within one example.
+    Measured spread of the parameters (2-core AMD EPYC): 1 vs 2 processes 1.5e-6; 1-process runs that differ only
+    in thread count 8.7e-7, in kernel path (ATEN_CPU_CAPABILITY default vs avx2) 1.2e-5; losses <= 1.2e-7. The
+    tolerance is 80x the largest: this tiny ViT has no near-zero gradient for AdamW to blow up (see the BatchNorm
+    test below, which had)."""
     one, two = runs
     assert len(one["train_losses"]) == len(two["train_losses"])
     np.testing.assert_allclose(two["train_losses"], one["train_losses"], atol=1e-3)
