@@ -501,7 +501,11 @@ def test_teacher_stays_unwrapped_and_frozen_under_two_processes(distributed_runs
 def test_two_processes_land_within_tolerance_of_one(distributed_runs):
     """Stated tolerance: the same 32 examples per optimizer step (2 x 16) and, with the global donor pool, the same
     masks and donors, so per-step losses and final parameters agree to 1e-3 (float reductions differ) and the
-    evaluation accuracies to within one example."""
+    evaluation accuracies to within one example. Measured spread after the 8 AdamW steps (2-core AMD EPYC): parameters
+    1.1e-5 between 1 and 2 processes, 9.0e-5 between 1-process runs that differ only in kernel path
+    (ATEN_CPU_CAPABILITY default vs avx2); losses 1e-6 and 7.8e-5 (of ~16). The parameter tolerance is 11x the
+    kernel-path spread, the tightest margin of the distributed comparisons: AdamW amplifies the rounding noise of
+    small gradients, so a change of optimizer or run length here needs the spread measured again."""
     one, two = distributed_runs
     assert len(one["losses"]) == len(two["losses"]) == 8
     np.testing.assert_allclose(two["masked_fractions"], one["masked_fractions"], atol=1e-6)

@@ -234,7 +234,12 @@ def test_p_gen_one_reproduces_the_plain_model(family):
 @pytest.mark.parametrize("family, position", [("hf_bert", "fc"), ("hf_vit", "block0"), ("hf_resnet", "dp3"),
                                               ("timm_resnet", "dp2"), ("timm_vit", "block1"), ("timm_vit", "pooled")])
 def test_training_forward_uses_each_examples_own_mask(family, position):
-    """The batch's output equals each example run alone: masks follow the example, not the batch."""
+    """The batch's output equals each example run alone: masks follow the example, not the batch.
+
+    Tolerance atol 5e-5: measured batch-vs-alone gap 9.6e-6 for hf_bert-fc (padded batch vs unpadded single texts:
+    another attention path), the same under OMP_NUM_THREADS 1 and 2 and ATEN_CPU_CAPABILITY=default, i.e. 92% of
+    the former atol 1e-5; <= 1.2e-7 for the other families. Masks taken by batch position instead of example
+    (reversed example_idx) move the logits by 1.2e-2, other examples' masks by 2.2e-2: 230x the tolerance."""
     model, _ = make_model(family)
     inject_fair_dropout(model, FairDropoutConfig(positions=[position], p_gen=0.25, p_mem=0.3, seed=2))
     model.train()
@@ -246,7 +251,7 @@ def test_training_forward_uses_each_examples_own_mask(family, position):
     batch = logits_of(model, inputs, example_idx=idx)
     alone = torch.cat([logits_of(model, {k: v[i : i + 1] for k, v in inputs.items()}, example_idx=idx[i : i + 1])
                        for i in range(4)])
-    torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batch, alone, rtol=1e-4, atol=5e-5)
     other = logits_of(model, inputs, example_idx=idx + 1000)
     assert not torch.allclose(batch, other)  # other examples, other masks
     remove_fair_dropout(model)
@@ -547,7 +552,9 @@ def test_two_processes_give_every_example_its_one_process_mask(distributed_runs)
 @pytest.mark.distributed
 def test_two_processes_train_within_tolerance(distributed_runs):
     """Stated tolerance: the same 32 examples per optimizer step (2 x 16), so after 2 epochs the per-step losses
-    and the parameters agree to 1e-3 and validation accuracies to within one example."""
+    and the parameters agree to 1e-3 and validation accuracies to within one example. Measured spread of the
+    parameters after the 4 AdamW steps (2-core AMD EPYC): 1 vs 2 processes 6.5e-7, 1-process runs that differ only in
+    kernel path (ATEN_CPU_CAPABILITY default vs avx2) 3.4e-6; losses <= 6e-8: the tolerance is 290x the largest."""
     one, two = distributed_runs
     assert len(one["train_losses"]) == len(two["train_losses"]) == 4
     np.testing.assert_allclose(two["train_losses"], one["train_losses"], atol=1e-3)

@@ -501,6 +501,10 @@ def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark
 
 @pytest.mark.distributed
 def test_two_processes_score_and_select_exactly_like_one(distributed_runs):
+    """Measured spread (2-core AMD EPYC): the gradient norms are bit-identical between 1 and 2 processes and agree to
+    1.4e-7 (relative) between 1-process runs that differ only in kernel path (ATEN_CPU_CAPABILITY default vs avx2),
+    70x inside rtol 1e-5; the head to 4.8e-8 (atol 1e-5). The selection is exact: the top-k boundary of the held-out
+    norms lies 4.6e-4 (relative) apart, 3000x the spread, and the same examples were selected under every setting."""
     one, two = distributed_runs
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["example_idx"] == one["example_idx"] and len(one["example_idx"]) == 101
