@@ -150,6 +150,47 @@ def run_row(row: str, seeds: list[int], recipe: list[str], data_path: str | None
     return entry, runs
 
 
+def merge_entries(first: dict, second: dict) -> dict:
+    """One row's entry over the seeds of two runs of it (e.g. seeds run as separate processes): per-seed values
+    concatenated, means and stds recomputed."""
+    if set(first["seeds"]) & set(second["seeds"]):
+        raise ValueError(f"Both entries have seeds {sorted(set(first['seeds']) & set(second['seeds']))}.")
+    merged = {**first, "seeds": first["seeds"] + second["seeds"]}
+    for key, value in first.items():
+        if isinstance(value, dict) and "per_seed" in value and isinstance(second.get(key), dict):
+            values = value["per_seed"] + second[key]["per_seed"]
+            merged[key] = _stats(values) if "std" in value else {"mean": statistics.mean(values), "per_seed": values}
+    for key in ("selective", "health"):
+        if key in first and key in second:
+            merged[key] = first[key] + second[key]
+    return merged
+
+
+def markdown_table(table: dict) -> str:
+    """The README table of `reproductions.biased_mnist`: ours (mean +- std over seeds, %) beside the paper's."""
+
+    def cell(value):
+        if not value:
+            return "-"
+        if len(value.get("per_seed", [0, 0])) == 1:  # one seed: no spread to show
+            return f"{100 * value['mean']:.2f}"
+        return f"{100 * value['mean']:.2f} +- {100 * value['std']:.2f}"
+
+    lines = ["| row | seeds | test_biased acc | test_biased worst group | test_original acc | paper biased | "
+             "paper original | seconds (CPU s) / run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in ROWS:
+        if row not in table:
+            continue
+        entry, paper = table[row], table[row].get("paper") or {}
+        seconds = entry.get("seconds")
+        timing = "-" if not seconds else f"{seconds['mean']:.0f} ({entry['cpu_seconds']['mean']:.0f})"
+        lines.append(f"| {row} | {len(entry['seeds'])} | {cell(entry['test_biased_accuracy'])} | "
+                     f"{cell(entry['test_biased_worst_group'])} | {cell(entry['test_original_accuracy'])} | "
+                     f"{cell(paper.get('test_biased_accuracy'))} | {cell(paper.get('test_original_accuracy'))} | "
+                     f"{timing} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="masktune,erm", help=f"comma-separated, from {list(ROWS)}")
@@ -158,7 +199,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="cpu: scripts/train.py's biased_mnist defaults; paper: scripts/recipes/biased_mnist_paper.yaml")
     parser.add_argument("--data_path", default=None, help="local copy of ylecun/mnist (else HF_ROBUST_DATA / the Hub)")
     parser.add_argument("--output", default=str(RESULTS), help="results file, updated in place (row by row)")
+    parser.add_argument("--table", action="store_true", help="print the README table of the results file and exit")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="results files of other runs (other seeds) whose biased_mnist rows are merged into "
+                             "--output, seed by seed; nothing is trained")
     args = parser.parse_args(argv)
+    if args.merge:
+        path = Path(args.output)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        table = results.setdefault("reproductions", {}).setdefault("biased_mnist", {})
+        for other in args.merge:
+            for row, entry in json.loads(Path(other).read_text())["reproductions"]["biased_mnist"].items():
+                table[row] = merge_entries(table[row], entry) if row in table else entry
+        path.write_text(json.dumps(results, indent=2))
+        print(markdown_table(table))
+        return
+    if args.table:
+        results = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
+        print(markdown_table(results.get("reproductions", {}).get("biased_mnist", {})))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -65,6 +65,10 @@ def test_biased_mnist_protocol(tiny_mnist, monkeypatch):
         np.testing.assert_array_equal(data[name]["digit"], train_digits[data[name]["source_idx"]])
     assert square[~train_labels].sum() == round(0.99 * (~train_labels).sum())
     assert square[train_labels].sum() == round(0.01 * train_labels.sum()) >= 1
+    # the authors' structure: the conflicting digits sit at the class boundary (class 0's bare ones are its highest
+    # digits, 4s; class 1's squared ones its lowest, 5s), as their digit-sorted order puts them
+    assert set(train_digits[~train_labels & ~square].tolist()) == {4}
+    assert set(train_digits[train_labels & square].tolist()) == {5}
     # test: the square on every 5-9 and no 0-4 (biased); none at all (original)
     test_labels = raw["test"][1] >= 5
     np.testing.assert_array_equal(data["test_biased"]["attribute"], test_labels)
@@ -94,6 +98,8 @@ def test_biased_mnist_two_squares_seed_and_cache(tiny_mnist, monkeypatch):
     np.testing.assert_array_equal(pixels[~square], _pixels(one["test_original"])[~square])
     assert two["train"]["attribute"] == one["train"]["attribute"]  # the second square goes on the same digits
 
+    with pytest.raises(ValueError, match="conflicting_digits='some'"):
+        load_benchmark("biased_mnist", path=root, conflicting_digits="some")
     other = load_benchmark("biased_mnist", path=root, seed=1)
     assert other["validation"]["source_idx"] != one["validation"]["source_idx"]
     # generated once per (copy, arguments): a second load reads the cache, whatever the generator would do now
@@ -102,6 +108,31 @@ def test_biased_mnist_two_squares_seed_and_cache(tiny_mnist, monkeypatch):
     monkeypatch.setattr(module, "_images", lambda *a, **k: pytest.fail("regenerated"))
     again = load_benchmark("biased_mnist", path=root)
     assert again["validation"]["source_idx"] == one["validation"]["source_idx"]
+
+
+@pytest.mark.parametrize("mode", ["authors", "all"])
+def test_conflicting_digits_at_the_class_boundary_or_everywhere(mode):
+    """10% conflicting examples per class, to see where they come from: the authors' boundary digits (class 0's
+    highest, 4 then 3; class 1's lowest, 5 then 6), or every digit."""
+    from datasets import DatasetDict
+
+    from hf_robust.data import make_biased_mnist
+
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    digits = np.repeat(np.arange(10), [300, 300, 300, 60, 50, 50, 60, 300, 300, 300])  # few 3-6: spill over
+    split = lambda n: Dataset.from_dict({"image": [np.zeros((8, 8), np.uint8)] * n,  # noqa: E731
+                                         "label": digits[:n].tolist()}, features=features)
+    data = make_biased_mnist(DatasetDict({"train": split(len(digits)), "test": split(10)}), seed=2, square_size=2,
+                             majority_fraction=0.9, minority_fraction=0.1, conflicting_digits=mode)
+    digit = np.concatenate([data["train"]["digit"], data["validation"]["digit"]])
+    square = np.concatenate([data["train"]["attribute"], data["validation"]["attribute"]]).astype(bool)
+    bare_zero, squared_one = digit[(digit < 5) & ~square], digit[(digit >= 5) & square]
+    assert (len(bare_zero), len(squared_one)) == (101, 101)  # 10% of 1,010 per class
+    if mode == "authors":  # all 50 4s, then 51 of the 60 3s; all 50 5s, then 51 of the 60 6s
+        assert np.bincount(bare_zero, minlength=10).tolist()[:5] == [0, 0, 0, 51, 50]
+        assert np.bincount(squared_one, minlength=10).tolist()[5:] == [50, 51, 0, 0, 0]
+    else:
+        assert set(bare_zero.tolist()) == {0, 1, 2, 3, 4} and set(squared_one.tolist()) == {5, 6, 7, 8, 9}
 
 
 def test_biased_mnist_without_a_copy_says_where_to_put_one(tmp_path, monkeypatch):
@@ -323,3 +354,35 @@ def test_bench_mnist_says_when_no_copy_is_found(tmp_path, monkeypatch, capsys):
     assert "no local copy" in message and "HF_ROBUST_DATA=<root> with <root>/mnist" in message
     with pytest.raises(SystemExit, match="expected rows from"):
         bench.main(["--rows", "nope"])
+
+
+def test_bench_mnist_summary_and_table():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_mnist", REPO / "scripts" / "bench_mnist.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(biased, original):
+        split = lambda acc: {"accuracy": acc, "worst_group_accuracy": acc - 0.1, "worst_class_accuracy": acc}  # noqa: E731
+        return {"splits": {"test_biased": split(biased), "test_original": split(original), "validation": split(0.99)},
+                "stages": {"ERM": {"test_biased": split(0.2), "test_original": split(0.6), "validation": split(0.99)}}}
+
+    runs = [run(0.97, 0.98), run(0.99, 0.98)]
+    entry = bench.summarise(runs, [0, 1])
+    assert entry["test_biased_accuracy"]["mean"] == pytest.approx(0.98)
+    assert entry["test_biased_accuracy"]["std"] == pytest.approx(0.0141421, rel=1e-4)  # sample std, as the paper's +-
+    assert entry["test_biased_worst_group"]["per_seed"] == pytest.approx([0.87, 0.89])
+    assert bench.summarise(runs, [0, 1], stage="ERM")["test_original_accuracy"]["mean"] == pytest.approx(0.6)
+    entry.update(seconds={"mean": 600.0}, cpu_seconds={"mean": 500.0}, paper=bench.PAPER["masktune"])
+    table = bench.markdown_table({"masktune": entry})
+    assert "| masktune | 2 | 98.00 +- 1.41 | 88.00 +- 1.41 | 98.00 +- 0.00 | 98.26 +- 0.27 | 98.46 +- 0.21 | 600 (500) |" in table
+
+    other = bench.summarise([run(0.95, 0.97)], [2])
+    merged = bench.merge_entries(bench.summarise(runs, [0, 1]), other)
+    assert merged["seeds"] == [0, 1, 2] and merged["test_biased_accuracy"]["per_seed"] == pytest.approx([0.97, 0.99, 0.95])
+    assert merged["test_biased_accuracy"]["std"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="Both entries have seeds"):
+        bench.merge_entries(merged, other)

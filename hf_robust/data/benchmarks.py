@@ -216,7 +216,9 @@ def load_biased_mnist(path=None, seed: int = 0, num_squares: int = 1, **kwargs) 
     """MaskTune's biased-MNIST protocol on the real digits (`hf_robust.data.biased_mnist`), generated once per
     (MNIST copy, seed, num_squares) and cached under HF_HOME. The digits come from the Hub's `ylecun/mnist`, or a
     local copy in its layout: `path=<dir>` or `HF_ROBUST_DATA=<root>` with `<root>/mnist` (or
-    `<root>/biased_mnist`). `seed` fixes which digits carry the square and which are `validation`."""
+    `<root>/biased_mnist`). `seed` fixes which digits carry the square and which are `validation`; `num_squares=2`
+    adds the second (blue) square; `conflicting_digits` ("authors", default, or "all") says which digits conflict
+    with the square (see `hf_robust.data.biased_mnist`)."""
     from functools import partial
 
     from .biased_mnist import make_biased_mnist
