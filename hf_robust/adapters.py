@@ -13,6 +13,7 @@ An adapter answers, for a model:
   a CLIP zero-shot classifier the projected, unnormalised CLIP embedding; otherwise the penultimate features).
 
 Families: HF BERT-style encoders (BERT, RoBERTa, DistilBERT, ... with a `classifier` head), HF ViT, HF ResNet,
+MaskTune's biased-MNIST CNN (`hf_robust.mnist_cnn`),
 timm ResNets and ViTs (raw, or inside transformers' `TimmWrapperForImageClassification`), CLIP image towers
 with a zero-shot head (`hf_robust.clip.CLIPZeroShotClassifier`). peft-wrapped models
 (LoRA, ...) are looked through. Anything else gets an error that names what is missing and the argument that
@@ -447,6 +448,30 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             patch_grid=_patch_grid(vision_config),
             # f = the projected CLIP image embedding before normalisation (the head reads it normalised)
             image_embedding_module=model.visual_projection,
+        )
+    if model_type == "hf_robust_mnist_cnn":  # hf_robust.mnist_cnn: MaskTune's biased-MNIST CNN
+        convs = [model.conv1, model.conv2, model.conv3, model.conv4]
+        width = [c[0].out_channels for c in convs]
+        flatten_error = ("the last block's map is flattened into the head's first Linear (channels x positions), so a "
+                         "channel mask is not one weight column")
+        positions = {
+            # after each conv block's ReLU (channels); the next block's conv reads it (through a max-pool after
+            # conv2, which keeps a zeroed channel zero)
+            **{f"conv{i + 1}": FairDropoutPosition(convs[i], "output", "channels", width[i],
+                                                  consumers=(convs[i + 1][0],)) for i in range(3)},
+            "conv4": FairDropoutPosition(convs[3], "output", "channels", width[3], fold_error=flatten_error),
+            # the hidden features the classifier reads (as a ResNet's pooled features)
+            "hidden": FairDropoutPosition(model.classifier, "input", "features", model.classifier.in_features,
+                                          consumers=(model.classifier,)),
+        }
+        return ModelAdapter(
+            model=model,
+            family="mnist_cnn",
+            input_kind="image",
+            classifier_module=_last_linear(model.classifier),
+            cam_module=model.conv4,  # the last conv block (its ReLU): 8x8 at 28x28, the authors' backbone[-3]
+            positions=positions,
+            default_positions=("conv3",),
         )
     if model_type == "clip":
         raise UnsupportedModelError(

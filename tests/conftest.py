@@ -88,6 +88,10 @@ def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: in
             pretrained_cfg={"input_size": [3, 32, 32], "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3},
         )
         return TimmWrapperForImageClassification(config), None
+    if family == "mnist_cnn":  # MaskTune's biased-MNIST CNN (hf_robust.mnist_cnn), here at 32x32
+        from hf_robust.mnist_cnn import MnistCnnConfig, MnistCnnForImageClassification, mnist_cnn_processor
+
+        return MnistCnnForImageClassification(MnistCnnConfig(image_size=32, num_labels=num_labels)), mnist_cnn_processor(32)
     raise ValueError(family)
 
 

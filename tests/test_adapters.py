@@ -15,6 +15,7 @@ POSITIONS = {
     "timm_resnet": ["dp2", "dp3", "dp4", "dp5"],
     "timm_vit": ["block0", "block1", "pooled"],
     "timm_wrapper_resnet": ["dp2", "dp3", "dp4", "dp5"],
+    "mnist_cnn": ["conv1", "conv2", "conv3", "conv4", "hidden"],
 }
 # (B, C, H, W) of the CAM map for a 32x32 input
 CAM_SHAPES = {
@@ -23,6 +24,7 @@ CAM_SHAPES = {
     "timm_resnet": (2, 32, 1, 1),
     "timm_vit": (2, 32, 4, 4),
     "timm_wrapper_resnet": (2, 32, 4, 4),
+    "mnist_cnn": (2, 32, 10, 10),  # (8x8 at MNIST's 28x28)
 }
 
 

@@ -232,7 +232,8 @@ def test_p_gen_one_reproduces_the_plain_model(family):
 
 
 @pytest.mark.parametrize("family, position", [("hf_bert", "fc"), ("hf_vit", "block0"), ("hf_resnet", "dp3"),
-                                              ("timm_resnet", "dp2"), ("timm_vit", "block1"), ("timm_vit", "pooled")])
+                                              ("timm_resnet", "dp2"), ("timm_vit", "block1"), ("timm_vit", "pooled"),
+                                              ("mnist_cnn", "conv3"), ("mnist_cnn", "hidden")])
 def test_training_forward_uses_each_examples_own_mask(family, position):
     """The batch's output equals each example run alone: masks follow the example, not the batch.
 
@@ -244,7 +245,7 @@ def test_training_forward_uses_each_examples_own_mask(family, position):
     inject_fair_dropout(model, FairDropoutConfig(positions=[position], p_gen=0.25, p_mem=0.3, seed=2))
     model.train()
     for module in model.modules():  # per-example outputs must not depend on the batch: no dropout/BN batch stats
-        if isinstance(module, (nn.Dropout, nn.BatchNorm2d)):
+        if isinstance(module, (nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d)):
             module.eval()
     inputs = inputs_for(family)
     idx = torch.tensor([10, 3, 77, 5])
@@ -264,6 +265,7 @@ def test_training_forward_uses_each_examples_own_mask(family, position):
 EXPORT_CASES = [
     ("hf_bert", ["fc"]), ("hf_bert", ["pooled"]), ("hf_vit", ["pooled"]),
     ("hf_resnet", ["dp2", "dp3", "dp4", "dp5"]), ("timm_resnet", ["dp2", "dp3", "dp4", "dp5"]),
+    ("mnist_cnn", ["conv1", "conv2", "conv3", "hidden"]),
 ]
 
 
@@ -310,6 +312,11 @@ def test_export_refuses_positions_it_cannot_fold():
     with pytest.raises(UnsupportedModelError, match="identity shortcut"):
         export_fair_dropout(wrapped)
     assert fair_dropout_modules(wrapped) is not None  # still usable
+    cnn, _ = make_model("mnist_cnn")  # its last conv map is flattened into the head: no weight column per channel
+    inject_fair_dropout(cnn, FairDropoutConfig(positions=["conv4"]))
+    with pytest.raises(UnsupportedModelError, match=r"conv4: the last block's map is flattened.*export: \['conv1', "
+                                                     r"'conv2', 'conv3', 'hidden'\]"):
+        export_fair_dropout(cnn)
 
 
 def test_saved_config_and_weights_restore_the_model(tmp_path):

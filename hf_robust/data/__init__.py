@@ -9,6 +9,7 @@ from .core import (
     label_names,
     validate_group_dataset,
 )
+from .biased_mnist import make_biased_mnist
 from .embedded import make_biased_digits, make_spurious_text
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "label_names",
     "load_benchmark",
     "make_biased_digits",
+    "make_biased_mnist",
     "make_spurious_text",
     "validate_group_dataset",
 ]

@@ -31,21 +31,24 @@ _CIVIL_AGGREGATES = {
 }
 
 
-def _local_source(name: str, path: str | os.PathLike | None) -> Path | None:
+def _local_source(name: str, path: str | os.PathLike | None, aliases: tuple[str, ...] = ()) -> Path | None:
+    """`path`, else `$HF_ROBUST_DATA/<name>` (or `/<alias>`: the Hub dataset's own name, e.g. `mnist` for
+    `biased_mnist`, which is built from it), else None."""
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise DataValidationError(f"path={str(path)!r} for benchmark {name!r} does not exist.")
         return path
     root = os.environ.get("HF_ROBUST_DATA")
-    if root and (Path(root) / name).exists():
-        return Path(root) / name
+    for folder in (name, *aliases):
+        if root and (Path(root) / folder).exists():
+            return Path(root) / folder
     return None
 
 
-def _read(name: str, hub_id: str, config: str | None, path) -> DatasetDict:
+def _read(name: str, hub_id: str, config: str | None, path, aliases: tuple[str, ...] = ()) -> DatasetDict:
     """The raw DatasetDict from a local copy if there is one, else from the Hub."""
-    local = _local_source(name, path)
+    local = _local_source(name, path, aliases)
     if local is None:
         try:
             return load_dataset(hub_id, config) if config else load_dataset(hub_id)
@@ -54,7 +57,7 @@ def _read(name: str, hub_id: str, config: str | None, path) -> DatasetDict:
                 f"Could not load benchmark {name!r} from the Hub ({hub_id}"
                 f"{', config ' + config if config else ''}): {type(error).__name__}: {error}. Without network, "
                 f"save a copy with the same layout and pass path=<dir> (or --dataset <dir>), or set "
-                f"HF_ROBUST_DATA=<root> with the copy in <root>/{name}."
+                f"HF_ROBUST_DATA=<root> with the copy in <root>/{(*aliases, name)[0]}."
             ) from error
     if config and (local / config).is_dir() and not (local / "dataset_dict.json").exists():
         local = local / config
@@ -215,15 +218,17 @@ def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -
     return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
 
 
-def _cached(name: str, builder: Callable[..., DatasetDict], **kwargs) -> DatasetDict:
-    """Generate once per (name, arguments) into HF_HOME; atomic, so parallel processes never see half a copy."""
+def _cached(name: str, builder: Callable[..., DatasetDict], source: str = "", **kwargs) -> DatasetDict:
+    """Generate once per (name, arguments, `source`: a fingerprint of the data it is built from) into HF_HOME;
+    atomic, so parallel processes never see half a copy. `builder` may be a functools.partial."""
     from huggingface_hub.constants import HF_HOME
 
     import inspect
 
     # the generator's source is part of the key: editing it invalidates old copies
-    code = Path(inspect.getsourcefile(builder)).read_bytes()
-    key = hashlib.sha256(json.dumps({"name": name, **kwargs}, sort_keys=True, default=str).encode() + code)
+    code = Path(inspect.getsourcefile(getattr(builder, "func", builder))).read_bytes()
+    key = hashlib.sha256(json.dumps({"name": name, **kwargs}, sort_keys=True, default=str).encode() + code
+                         + source.encode())
     target = Path(HF_HOME) / "hf_robust" / "datasets" / f"{name}-{key.hexdigest()[:16]}"
     if not (target / "dataset_dict.json").exists():
         dataset = builder(**kwargs)
@@ -257,6 +262,25 @@ def load_tinted_digits(path=None, seed: int = 0, **kwargs) -> DatasetDict:
     return _cached("tinted_digits", make_biased_digits, seed=seed, shortcut="tint", **kwargs)
 
 
+def load_biased_mnist(path=None, seed: int = 0, num_squares: int = 1, **kwargs) -> DatasetDict:
+    """MaskTune's biased-MNIST protocol on the real digits (`hf_robust.data.biased_mnist`), generated once per
+    (MNIST copy, seed, num_squares) and cached under HF_HOME. The digits come from the Hub's `ylecun/mnist`, or a
+    local copy in its layout: `path=<dir>` or `HF_ROBUST_DATA=<root>` with `<root>/mnist` (or
+    `<root>/biased_mnist`). `seed` fixes which digits carry the square and which are `validation`; `num_squares=2`
+    adds the second (blue) square; `conflicting_digits` ("authors", default, or "all") says which digits conflict
+    with the square (see `hf_robust.data.biased_mnist`)."""
+    from functools import partial
+
+    from .biased_mnist import make_biased_mnist
+
+    raw = _read("biased_mnist", "ylecun/mnist", "mnist", path, aliases=("mnist",))
+    # the copy's identity: its datasets fingerprints, sizes and labels (a cheap column read)
+    source = json.dumps({k: [v._fingerprint, len(v), hashlib.sha256(np.asarray(v["label"]).tobytes()).hexdigest()]
+                         for k, v in sorted(raw.items()) if "label" in v.column_names})
+    return _cached("biased_mnist", partial(make_biased_mnist, raw), source=source, seed=seed,
+                   num_squares=num_squares, **kwargs)
+
+
 def load_spurious_text(path=None, seed: int = 0, **kwargs) -> DatasetDict:
     if path is not None:
         return load_from_disk(str(path))
@@ -273,6 +297,7 @@ BENCHMARKS: dict[str, Callable[..., DatasetDict]] = {
     "biased_digits": load_biased_digits,
     "scene_digits": load_scene_digits,
     "tinted_digits": load_tinted_digits,
+    "biased_mnist": load_biased_mnist,
     "spurious_text": load_spurious_text,
 }
 
@@ -288,7 +313,7 @@ def load_benchmark(
     """Load a group-annotated benchmark, or a user dataset from a local path.
 
     Args:
-        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_digits,
+        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_mnist, biased_digits,
             scene_digits, tinted_digits, spurious_text), or the path of a local dataset (`save_to_disk` folder of a DatasetDict, or a folder of
             parquet files) with a label column and optionally an attribute column.
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).

@@ -20,6 +20,14 @@ class RobustConfig(TrainingArguments):
             `"class"` draws training examples with equal total weight per class (the ERM baseline of GradTune);
             `"group"` does the same per group and therefore uses group labels (only for baselines that may).
 
+    Parameters that control the learning-rate schedule:
+        lr_step_epochs (`float` or `None`, *optional*):
+            A step schedule, which transformers' `lr_scheduler_type`s lack: the learning rate is multiplied by
+            `lr_step_gamma` every this many epochs (e.g. MaskTune's MNIST recipe: 0.5 every 25 epochs). When set, it
+            replaces `lr_scheduler_type` for the training stages (warm-up is not applied).
+        lr_step_gamma (`float`, *optional*, defaults to `0.5`):
+            The factor of the step schedule.
+
     Parameters that locate model parts (for models hf_robust's adapters do not know):
         classifier_layer (`str` or `None`, *optional*):
             Name of the last linear layer.
@@ -65,6 +73,10 @@ class RobustConfig(TrainingArguments):
         default="none",
         metadata={"help": "Sample training examples balanced by 'class' or by 'group' (uses group labels), or 'none'."},
     )
+    lr_step_epochs: float | None = field(
+        default=None, metadata={"help": "Step schedule: multiply the LR by lr_step_gamma every this many epochs."}
+    )
+    lr_step_gamma: float = field(default=0.5, metadata={"help": "Factor of the step schedule (lr_step_epochs)."})
     classifier_layer: str | None = field(
         default=None, metadata={"help": "Name of the model's last linear layer, if hf_robust cannot find it."}
     )
@@ -96,6 +108,9 @@ class RobustConfig(TrainingArguments):
             raise ValueError(
                 f"train_augmentation={self.train_augmentation!r}: expected 'none', 'flip' or 'crop_flip'."
             )
+        if self.lr_step_epochs is not None and (self.lr_step_epochs <= 0 or not 0 < self.lr_step_gamma <= 1):
+            raise ValueError(f"lr_step_epochs={self.lr_step_epochs}, lr_step_gamma={self.lr_step_gamma}: expected a "
+                             "positive number of epochs and a factor in (0, 1].")
         if self.balanced_sampling not in ("none", "class", "group"):
             raise ValueError(f"balanced_sampling={self.balanced_sampling!r}: expected 'none', 'class' or 'group'.")
         if self.on_worse not in ("keep", "warn", "fallback_to_erm", "error"):

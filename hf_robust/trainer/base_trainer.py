@@ -437,6 +437,22 @@ class RobustTrainer(Trainer):
         finally:
             self.data_collator = eval_collator
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' schedulers, or with `lr_step_epochs` a step schedule: the learning rate times
+        `lr_step_gamma` after every `lr_step_epochs` epochs of optimizer steps."""
+        if self.args.lr_step_epochs is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None
+        steps_per_epoch = num_training_steps / epochs if epochs else len(self.get_train_dataloader())
+        steps_per_step = max(1.0, steps_per_epoch * self.args.lr_step_epochs)
+        gamma = self.args.lr_step_gamma
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer if optimizer is not None else self.optimizer,
+            lambda step: gamma ** int((step + 1e-9) // steps_per_step),
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     def _get_train_sampler(self, train_dataset=None):
         mode = self.args.balanced_sampling
         if mode == "none":
@@ -725,7 +741,7 @@ class RobustTrainer(Trainer):
     # global batch: a run may resume on another number of processes)
     _TRAINING_SETTINGS = (
         "learning_rate", "num_train_epochs", "max_steps", "weight_decay", "lr_scheduler_type", "lr_scheduler_kwargs",
-        "warmup_steps", "warmup_ratio", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+        "lr_step_epochs", "lr_step_gamma", "warmup_steps", "warmup_ratio", "optim", "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
         "max_grad_norm", "gradient_accumulation_steps", "seed", "data_seed", "label_smoothing_factor", "bf16", "fp16",
     )
 

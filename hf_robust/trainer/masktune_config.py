@@ -14,6 +14,13 @@ class MaskTuneConfig(RobustConfig):
     The ERM stage uses the usual training parameters (`num_train_epochs`, `learning_rate`, ...).
 
     Parameters that control the masks:
+        mask_method (`str`, *optional*, defaults to `"xgradcam"`):
+            `"xgradcam"`: MaskTune's masks (the ERM model's explanation, thresholded). `"random"`: RandMask, the
+            paper's random-masking baseline (Figure 2, appendix Table 6): one square window per image, its side
+            uniform in `random_mask_min_side..random_mask_max_side`, its place uniform inside the image, drawn
+            afresh each iteration; images only.
+        random_mask_min_side (`int`, *optional*, defaults to `2`), random_mask_max_side (`int` or `None`,
+        *optional*): the window sides of RandMask, in input pixels (default maximum: half the image side).
         mask_threshold_std (`float` or `None`, *optional*):
             Per image, pixels whose normalised xGradCAM value exceeds `mean + k * std` of the image's positive
             values are masked (k = this value; the paper found k = 2 best among 0..3). Default: chosen by the
@@ -66,6 +73,11 @@ class MaskTuneConfig(RobustConfig):
     """
 
     erm_checkpoint: str | None = field(default=None, metadata={"help": "Start from this trained model instead of ERM."})
+    mask_method: str = field(default="xgradcam", metadata={"help": "'xgradcam' (MaskTune) or 'random' (RandMask)."})
+    random_mask_min_side: int = field(default=2, metadata={"help": "RandMask: smallest window side (pixels)."})
+    random_mask_max_side: int | None = field(
+        default=None, metadata={"help": "RandMask: largest window side (pixels; default half the image side)."}
+    )
     mask_threshold_std: float | None = field(
         default=None, metadata={"help": "k in the per-image threshold mean + k*std (default: selected; 2 without selection)."}
     )
@@ -103,6 +115,12 @@ class MaskTuneConfig(RobustConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mask_method not in ("xgradcam", "random"):
+            raise ValueError(f"mask_method={self.mask_method!r}: expected 'xgradcam' or 'random'.")
+        if self.random_mask_min_side < 1 or (self.random_mask_max_side is not None
+                                             and self.random_mask_max_side < self.random_mask_min_side):
+            raise ValueError(f"random_mask_min_side={self.random_mask_min_side}, random_mask_max_side="
+                             f"{self.random_mask_max_side}: expected 1 <= min <= max.")
         if self.masktune_iterations < 1:
             raise ValueError(f"masktune_iterations={self.masktune_iterations}: expected 1 or more.")
         if self.finetune_batch_size is not None and self.finetune_batch_size < 1:

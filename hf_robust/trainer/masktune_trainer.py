@@ -7,6 +7,7 @@ Stages: `erm` (or `erm_checkpoint`) -> `masks_1` -> `finetune_1` [-> `masks_2` -
   `mean + k * std` of the image's positive values are masked. Computed in batches on the device and gathered
   across processes by `example_idx`; stored as packed bits (`MaskStore`). Text models: gradient x input on the
   token embeddings, top tokens replaced by the mask token (beyond the paper).
+  With `mask_method="random"`: RandMask, the paper's baseline, one random square window per image instead.
 - finetune: the ERM model trained for exactly one epoch on the masked training set (masked pixels black, before
   augmentation), at a small constant learning rate (default: ERM's final learning rate).
 - selective: the ERM x MaskTune ensemble as a selective classifier (paper section 2.2), thresholds calibrated
@@ -29,7 +30,7 @@ import torch
 from ..adapters import UnsupportedModelError
 from ..cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
 from ..data.core import DataValidationError
-from ..masking import MaskStore
+from ..masking import MaskStore, random_window_masks
 from ..selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
 from .base_trainer import RobustTrainer, Stage, frozen_norm_statistics
 from .masktune_config import MaskTuneConfig
@@ -103,6 +104,9 @@ class MaskTuneTrainer(RobustTrainer):
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None:
             raise DataValidationError("MaskTuneTrainer needs a train_dataset: the masks are computed on it.")
+        if self.args.mask_method == "random" and self.input_kind != "image":
+            raise DataValidationError("mask_method='random' (RandMask) masks image windows; this run has "
+                                      f"{self.input_kind} inputs. Use mask_method='xgradcam'.")
         if self.input_kind != "image":
             if getattr(self.processing_class, "mask_token_id", None) is None:
                 raise DataValidationError(
@@ -119,7 +123,13 @@ class MaskTuneTrainer(RobustTrainer):
         self.masktune_kept_erm = False
         if self.input_kind == "image":  # a CAM that cannot localise (a 1x1 map) fails here, not after ERM
             batch = self.eval_collator([self.train_dataset[0]])
-            image_masks(self.adapter.model, self.adapter, batch["pixel_values"].to(self.args.device), self.mask_threshold)
+            if self.args.mask_method == "random":  # windows that do not fit the input fail here too
+                random_window_masks(batch["example_idx"], tuple(batch["pixel_values"].shape[-2:]), 0,
+                                    self.args.random_mask_min_side, self.args.random_mask_max_side)
+            else:
+                image_masks(self.adapter.model, self.adapter, batch["pixel_values"].to(self.args.device),
+                            self.mask_threshold)
+        self._mask_iteration = 1
         self.selective_results: dict = {}
         self._erm_model = None
 
@@ -234,6 +244,7 @@ class MaskTuneTrainer(RobustTrainer):
         return previous.union(store) if previous is not None else store
 
     def _run_masks(self, iteration: int, stage_dir: Path, resume: bool) -> None:
+        self._mask_iteration = iteration  # RandMask draws new windows each iteration
         if self.masktune_kept_erm:  # the selection kept the ERM model: nothing to mask
             self.masks = None
             self.save_stage_json(stage_dir, "masks", {"kept_erm": True})
@@ -257,6 +268,11 @@ class MaskTuneTrainer(RobustTrainer):
             self.masks = None
 
     def _mask_batch(self, model, batch: dict, k: float) -> dict[str, torch.Tensor]:
+        if self.args.mask_method == "random":  # RandMask: a new window per image and iteration
+            seed = self.args.seed * 1000 + self._mask_iteration
+            size = tuple(batch["pixel_values"].shape[-2:])
+            return {"mask": random_window_masks(batch["example_idx"], size, seed, self.args.random_mask_min_side,
+                                                self.args.random_mask_max_side)}
         if self.input_kind == "image":
             return {"mask": image_masks(model, self.adapter, batch["pixel_values"], k)}
         inputs = {key: value for key, value in self.model_inputs(batch).items() if key != "labels"}
