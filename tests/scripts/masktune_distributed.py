@@ -31,7 +31,8 @@ def main(out_path: str, work_dir: str, erm_dir: str) -> None:
     model, _ = make_model("timm_wrapper_resnet", seed=1)  # other weights: everything comes from the checkpoint
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # the same 32 examples per optimizer step either way
     args = MaskTuneConfig(output_dir=work_dir, erm_checkpoint=erm_dir, finetune_learning_rate=1e-3,
-                          per_device_train_batch_size=32 // world_size, mask_threshold_std=1.0, **common)
+                          per_device_train_batch_size=32 // world_size, mask_threshold_std=1.0, masktune_selection="off",
+                          **common)
     trainer = MaskTuneTrainer(model, args, train_dataset=data["train"], eval_dataset={"validation": data["validation"]})
     trainer.train()
     store = trainer.masks
