@@ -28,7 +28,8 @@ from hf_robust.weight_ensembles import interpolate_state_dicts, wise_ft
 
 
 def config(tmp, **kwargs):
-    base = dict(learning_rate=1e-3, warmup_steps=0, wise_ft_alphas=[0.5], plot_examples=3)
+    # the paper's method (beta = 30, no selection of beta) unless a test asks for the selection
+    base = dict(learning_rate=1e-3, warmup_steps=0, wise_ft_alphas=[0.5], plot_examples=3, counterfactual_selection="off")
     base.update(kwargs)
     return quick_config(CounterfactualDistillConfig, tmp, **base)
 
@@ -352,6 +353,151 @@ def test_resume_skips_every_finished_stage(trained, tmp_path):
     assert {"Zero-shot", "Vanilla FT", "WiSE-FT"} <= set(trainer.stage_results)
 
 
+# ----------------------------------------------------------------------------- label-free selection of beta
+def selecting_trainer(tmp, data, **kwargs):
+    """A tiny run that chooses beta: 2 steps per fine-tuning, vanilla FT among the candidates, no WiSE-FT. The
+    model's seed (1) is one where the candidates differ on validation (a distillation wins: vanilla FT's worst
+    class is at 7%, both betas' at 36%) rather than all predicting one class."""
+    model, processor = tiny_clip_classifier(seed=1)
+    return make_trainer(tmp, data, model, processor, **{
+        "counterfactual_selection": "auto", "compare_vanilla": True, "max_steps": 2, "wise_ft_alphas": [],
+        "plot_examples": 0, **kwargs})
+
+
+def saved_state(trainer, folder) -> dict:
+    model = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model))
+    trainer.load_model_state(Path(folder), model=model)
+    return model.state_dict()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def beta_of_logged_steps(history) -> list[float]:
+    """beta = (loss - ce) / distill of every logged distillation step."""
+    return [(e["loss"] - e["ce_loss"]) / e["distill_loss"] for e in history if "ce_loss" in e and e["distill_loss"] > 0]
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory, clip_data):
+    tmp = tmp_path_factory.mktemp("cf_select")
+    trainer = selecting_trainer(tmp, clip_data)
+    trainer.train()
+    trainer.save_model()
+    return trainer, tmp
+
+
+def test_selection_of_beta_keeps_the_best_worst_class_candidate(selected, clip_data):
+    trainer, tmp = selected
+    assert trainer.finished_stages == ["zero_shot", "vanilla", "select", "distill", "wise_ft"]
+    selection = trainer.selection
+    records = selection["candidates"]
+    assert [r["knobs"] for r in records] == [{"distill_weight": 0.0}, {"distill_weight": 30.0}, {"distill_weight": 10.0}]
+    select = trainer.stage_dir("select")
+    # candidate 0 is the vanilla fine-tuning itself, not retrained; the others are distillations with their beta
+    assert same_weights(saved_state(trainer, trainer.candidate_folder(select, 0)), saved_state(trainer, trainer.stage_dir("vanilla")))
+    assert "candidate_0" not in trainer.stage_log_history
+    for i, beta in ((1, 30.0), (2, 10.0)):
+        betas = beta_of_logged_steps(trainer.stage_log_history[f"candidate_{i}"])
+        assert betas and all(b == pytest.approx(beta, rel=1e-3) for b in betas)
+    # every record is the candidate's own validation score (labels only), and the best one is chosen
+    val = clip_data["validation"]
+    labels = np.asarray(val["label"])
+    for i, record in enumerate(records):
+        model = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).eval()
+        trainer.load_model_state(trainer.candidate_folder(select, i), model=model)
+        batch = trainer.eval_collator([val[j] for j in range(len(val))])
+        with torch.no_grad():
+            pred = model(pixel_values=batch["pixel_values"]).logits.argmax(-1).numpy()
+        worst = min((pred[labels == c] == c).mean() for c in (0, 1))
+        assert record["validation"]["worst_class_accuracy"] == pytest.approx(worst)
+    scores = [(r["validation"]["worst_class_accuracy"], r["validation"]["accuracy"], -i) for i, r in enumerate(records)]
+    assert selection["chosen"] == max(range(3), key=lambda i: scores[i])
+    # the final model (and the distill stage's output) is the chosen candidate; beta is the chosen one's
+    chosen = trainer.candidate_folder(select, selection["chosen"])
+    final = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert same_weights(final, saved_state(trainer, chosen))
+    assert same_weights(saved_state(trainer, trainer.stage_dir("distill")), saved_state(trainer, chosen))
+    results = json.loads((Path(tmp) / "results.json").read_text())
+    beta = records[selection["chosen"]]["knobs"]["distill_weight"]
+    assert results["selection"]["chosen"] == selection["chosen"]
+    assert results["selection"]["chosen_knobs"] == {"distill_weight": beta}
+    assert results["selection"]["method_helped"] == (beta != 0.0) and results["selection"]["note"]
+    assert results["counterfactual"]["distill_weight"] == beta == trainer.distill_weight
+    assert (Path(tmp) / "plots" / "selection.png").stat().st_size > 5_000
+
+
+def test_vanilla_winning_the_selection_keeps_it_and_says_so(selected, caplog):
+    import logging
+
+    trainer = copy.copy(selected[0])  # the trained run's state, without changing it
+    trainer.selection = {**trainer.selection, "chosen": 0}
+    with caplog.at_level(logging.WARNING, logger="hf_robust"):
+        trainer._apply_selection()
+    assert trainer.distill_weight == 0.0
+    assert any("Counterfactual distillation did not help on validation: vanilla fine-tuning (beta = 0)" in r.getMessage()
+               and "of the 3 candidates" in r.getMessage() for r in caplog.records)
+    results = trainer.results()["selection"]
+    assert results["method_helped"] is False and "vanilla fine-tuned model was kept" in results["note"]
+
+
+def test_setting_beta_skips_the_selection(tmp_path, clip_data):
+    trainer = selecting_trainer(tmp_path, clip_data, distill_weight=10.0, compare_vanilla=False)
+    trainer.train()
+    assert trainer.finished_stages == ["zero_shot", "distill", "wise_ft"] and trainer.selection is None
+    betas = beta_of_logged_steps(trainer.stage_log_history["distill"])
+    assert betas and all(b == pytest.approx(10.0, rel=1e-3) for b in betas)
+    results = trainer.results()
+    assert results["counterfactual"]["distill_weight"] == 10.0 and "selection" not in results
+    # without it and with the selection off: the paper's beta = 30, no selection either
+    off = selecting_trainer(tmp_path / "off", clip_data, counterfactual_selection="off")
+    assert off.distill_weight == 30.0 and "select" not in [s.name for s in off.stages()]
+
+
+def test_selection_resumes_candidate_by_candidate(selected, clip_data, tmp_path):
+    import shutil
+
+    trainer, tmp = selected
+    out = tmp_path / "run"
+    shutil.copytree(tmp, out)
+    stages = out / "stages"
+    (stages / "select" / "candidate_2" / "candidate.json").unlink()  # as if interrupted during the last candidate
+    for name in ("select", "distill", "wise_ft"):
+        (stages / name / "stage.json").unlink()
+    resumed = selecting_trainer(out, clip_data)
+    trained = []
+    original = resumed.train_stage
+
+    def spy(stage_dir, *args, **kwargs):
+        trained.append(Path(stage_dir).name)
+        return original(stage_dir, *args, **kwargs)
+
+    resumed.train_stage = spy
+    resumed.train(resume_from_checkpoint=True)
+    assert trained == ["candidate_2"]
+    assert resumed.skipped_stages == ["zero_shot", "vanilla"]
+    assert resumed.selection["chosen"] == trainer.selection["chosen"]
+    for mine, theirs in zip(resumed.selection["candidates"], trainer.selection["candidates"]):
+        assert mine["knobs"] == theirs["knobs"] and mine["validation"] == theirs["validation"]
+    assert resumed.distill_weight == trainer.distill_weight
+    # a resume with every stage finished restores the chosen beta from the saved selection
+    again = selecting_trainer(out, clip_data)
+    again.train(resume_from_checkpoint=True)
+    assert "select" in again.skipped_stages and again.selection["chosen"] == trainer.selection["chosen"]
+    assert again.distill_weight == trainer.distill_weight
+
+
+def test_selection_of_beta_never_reads_group_labels(selected, clip_data, tmp_path):
+    blind = DatasetDict({**clip_data, "validation": clip_data["validation"].map(lambda row: {"group": -1})})
+    trainer = selecting_trainer(tmp_path, blind)
+    trainer.train()
+    reference = selected[0].selection
+    assert trainer.selection["chosen"] == reference["chosen"]
+    for mine, theirs in zip(trainer.selection["candidates"], reference["candidates"]):
+        assert mine["knobs"] == theirs["knobs"] and mine["validation"] == theirs["validation"]
+
+
 def test_wise_ft_endpoints_are_the_two_models_and_the_middle_their_mean():
     zero_shot, _ = tiny_clip_classifier(seed=0)
     tuned, _ = tiny_clip_classifier(seed=1)
@@ -422,7 +568,8 @@ def test_non_image_data_and_non_classifiers_are_refused(tmp_path, text_data, tok
 
 @pytest.mark.parametrize("bad", [dict(mask_strategy="patch"), dict(refill_strategy="all"), dict(cam_threshold=1.5),
                                  dict(donor_pool="nearby"), dict(distill_weight=-1.0), dict(wise_ft_alphas=[2.0]),
-                                 dict(teacher_dtype="int8")])
+                                 dict(teacher_dtype="int8"), dict(counterfactual_selection="yes"),
+                                 dict(selection_distill_weights=[]), dict(selection_distill_weights=[30.0, 0.0])])
 def test_bad_settings_are_refused(tmp_path, bad):
     with pytest.raises(ValueError):
         config(tmp_path, **bad)
@@ -444,6 +591,12 @@ def test_main_job_runs_the_method_with_a_local_clip(tmp_path, digits):
     ])
     assert results["trainer"] == "CounterfactualDistillTrainer"
     assert {"Zero-shot", "Vanilla FT", "WiSE-FT"} <= set(results["stages"])  # compare_vanilla is the job's default
+    # beta is chosen on validation by default, vanilla FT (beta = 0) among the candidates
+    assert [c["knobs"]["distill_weight"] for c in results["selection"]["candidates"]] == [0.0, 30.0, 10.0]
+    assert results["counterfactual"]["distill_weight"] == results["selection"]["chosen_knobs"]["distill_weight"]
+    assert (tmp_path / "run" / "plots" / "selection.png").exists()
+    fixed = train.parse_args(["--method", "counterfactual", "--distill_weight", "30"])[1]
+    assert fixed.distill_weight == 30.0 and not fixed.selects_distill_weight  # a set beta: no selection
     assert (tmp_path / "run" / "plots" / "counterfactuals.png").exists()
     # the method's defaults replace the dataset's training recipe (waterbirds: SGD 1e-3 with augmentation for ERM)
     script, args = train.parse_args(["--method", "counterfactual", "--dataset", "waterbirds"])
@@ -565,7 +718,10 @@ def test_trainer_without_args_uses_the_default_config(tmp_path, clip_data, monke
     model, processor = tiny_clip_classifier(seed=0)
     trainer = CounterfactualDistillTrainer(model, train_dataset=clip_data["train"].select(range(8)),
                                            processing_class=processor)
-    assert trainer.args.mask_strategy == "object" and trainer.args.distill_weight == 30.0
+    assert trainer.args.mask_strategy == "object" and trainer.args.distill_weight is None
+    # beta is chosen on validation by default; until then (and with the selection off) it is the paper's 30
+    assert trainer.args.selects_distill_weight and trainer.distill_weight == 30.0
+    assert "select" in [s.name for s in trainer.stages()]
 
 
 def test_zero_shot_head_does_not_depend_on_the_tokenizer_padding_side():

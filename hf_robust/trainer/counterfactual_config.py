@@ -6,6 +6,7 @@ from ..counterfactual import MASK_STRATEGIES, REFILL_STRATEGIES
 from .base_config import RobustConfig
 
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+PAPER_DISTILL_WEIGHT = 30.0  # the paper fixes beta = 30 for every experiment
 
 
 @dataclass
@@ -35,9 +36,10 @@ class CounterfactualDistillConfig(RobustConfig):
             authors' code; no image gather).
 
     Parameters that control the distillation:
-        distill_weight (`float`, *optional*, defaults to `30.0`):
+        distill_weight (`float` or `None`, *optional*):
             beta in `CE(student(x), y) + beta * MSE(f_student(x_cf), f_teacher(x_cf))`, f = the image embedding
-            (for CLIP the projected embedding, not normalised). The paper fixes 30 for every experiment.
+            (for CLIP the projected embedding, not normalised). The paper fixes beta = 30 for every experiment.
+            Default: chosen by the selection (below); 30 when it is off. Setting it skips the selection.
         teacher_model (`str` or `None`, *optional*):
             Folder of a saved teacher (`save_pretrained` layout). Default: a frozen copy of the model the trainer
             starts from (the zero-shot model). A teacher can also be passed to the trainer as `teacher=`.
@@ -58,6 +60,23 @@ class CounterfactualDistillConfig(RobustConfig):
             fine-tuned model(s) are evaluated (0 = zero-shot, 1 = fine-tuned). Empty: no sweep.
         plot_examples (`int`, *optional*, defaults to `4`):
             Training examples shown in the original / CAM / counterfactual grid plot.
+
+    Parameters of the label-free selection of beta (stage `select`, after `vanilla`;
+    `hf_robust.trainer.base_trainer.run_candidates`):
+        counterfactual_selection (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: when `distill_weight` is unset, fine-tune one student per beta of `selection_distill_weights`
+            from the same zero-shot model, on the same schedule and data order, and keep the one with the best
+            worst-CLASS accuracy on the `health_split` eval split (labels only, never groups; ties by accuracy,
+            then by order). With `compare_vanilla`, the vanilla fine-tuning (beta = 0, already trained by the
+            `vanilla` stage, not retrained) is the first candidate: when it wins, the run keeps the vanilla
+            fine-tuned model and says that counterfactual distillation did not help on validation. The paper fixes
+            beta = 30 for every experiment; choosing beta on validation worst-class accuracy is our departure from
+            it, the criterion by which GradTune ("GradTune: Last-Layer Fine-Tuning for Group Robustness without
+            Group Annotation") and FairDropout ("FairDropout: Using Example-Tied Dropout to Enhance
+            Generalization of Minority Groups", arXiv 2502.06695) select their settings. It costs one fine-tuning
+            per beta (2 by default). `"off"`: one distillation with `distill_weight` (30 when unset: the paper).
+        selection_distill_weights (`list[float]`, *optional*, defaults to `[30.0, 10.0]`):
+            The beta candidates, in tie-breaking order: the paper's 30, and one step lower.
     """
 
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (paper: 3e-5)."})
@@ -72,7 +91,10 @@ class CounterfactualDistillConfig(RobustConfig):
     cam_threshold: float = field(default=0.3, metadata={"help": "Threshold on the max-normalised CAM."})
     random_mask_probability: float = field(default=0.5, metadata={"help": "Patch probability for random masks."})
     donor_pool: str = field(default="global", metadata={"help": "Refill donors from the 'global' or 'local' batch."})
-    distill_weight: float = field(default=30.0, metadata={"help": "beta: weight of the embedding MSE (paper: 30)."})
+    distill_weight: float | None = field(
+        default=None,
+        metadata={"help": "beta: weight of the embedding MSE (default: selected on validation; paper: 30)."},
+    )
     teacher_model: str | None = field(default=None, metadata={"help": "Folder of a saved teacher model."})
     teacher_dtype: str | None = field(
         default=None,
@@ -83,6 +105,13 @@ class CounterfactualDistillConfig(RobustConfig):
         default_factory=lambda: [0.25, 0.5, 0.75], metadata={"help": "WiSE-FT mixing coefficients to evaluate."}
     )
     plot_examples: int = field(default=4, metadata={"help": "Examples in the counterfactual grid plot."})
+    counterfactual_selection: str = field(
+        default="auto",
+        metadata={"help": "'auto': choose beta (vanilla FT = beta 0 among the candidates) on validation; 'off'."},
+    )
+    selection_distill_weights: list[float] = field(
+        default_factory=lambda: [30.0, 10.0], metadata={"help": "Candidate beta values (paper: 30)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,7 +128,22 @@ class CounterfactualDistillConfig(RobustConfig):
             raise ValueError(f"cam_threshold={self.cam_threshold}: expected a value in [0, 1) (CAMs are max-normalised).")
         if not 0.0 < self.random_mask_probability < 1.0:
             raise ValueError(f"random_mask_probability={self.random_mask_probability}: expected a value in (0, 1).")
-        if self.distill_weight < 0:
+        if self.distill_weight is not None and self.distill_weight < 0:
             raise ValueError(f"distill_weight={self.distill_weight}: expected a value >= 0.")
+        if self.counterfactual_selection not in ("auto", "off"):
+            raise ValueError(f"counterfactual_selection={self.counterfactual_selection!r}: expected 'auto' or 'off'.")
+        if not self.selection_distill_weights or any(b <= 0 for b in self.selection_distill_weights):
+            raise ValueError(f"selection_distill_weights={self.selection_distill_weights}: expected positive values "
+                             "(beta = 0 is the vanilla fine-tuning, a candidate with compare_vanilla).")
         if any(not 0.0 <= a <= 1.0 for a in self.wise_ft_alphas):
             raise ValueError(f"wise_ft_alphas={self.wise_ft_alphas}: each must be in [0, 1].")
+
+    @property
+    def selects_distill_weight(self) -> bool:
+        """Whether the run chooses beta on validation (`distill_weight` unset, selection on)."""
+        return self.counterfactual_selection == "auto" and self.distill_weight is None
+
+    @property
+    def fixed_distill_weight(self) -> float:
+        """beta without a selection: `distill_weight`, else the paper's 30."""
+        return PAPER_DISTILL_WEIGHT if self.distill_weight is None else float(self.distill_weight)

@@ -2,8 +2,15 @@
 teaches the student's image embedding on masked-and-refilled ("counterfactual") images; plus WiSE-FT.
 
 Stages: `zero_shot` (the starting model, evaluated and kept) [-> `vanilla` (the CE-only baseline, with
-`compare_vanilla`)] -> `distill` -> `wise_ft` (weight-space ensembles with the zero-shot model, evaluated over
-`wise_ft_alphas`).
+`compare_vanilla`)] [-> `select` (with `distill_weight` unset: the label-free selection of beta)] -> `distill` ->
+`wise_ft` (weight-space ensembles with the zero-shot model, evaluated over `wise_ft_alphas`).
+
+`select` fine-tunes one student per beta of `selection_distill_weights` (30, the paper's value for every
+experiment, and 10), each from the zero-shot model, and scores them, with the vanilla fine-tuning (beta = 0, the
+`vanilla` stage's model, not retrained) as the first candidate when `compare_vanilla`, by worst-CLASS accuracy on
+the validation split (labels only; `RobustTrainer.run_candidates`). `distill` then keeps the chosen candidate's
+weights instead of training; when the vanilla fine-tuning wins, the run keeps it and says so. The paper fixes
+beta = 30; the selection is our departure from it, by the criterion GradTune and FairDropout select with.
 
 One distillation step, for a batch (x, y):
 1. CAM of the STUDENT for the LABEL logit: for ViTs (transformers ViT, CLIP) gradient-weighted attention rollout
@@ -101,6 +108,9 @@ class CounterfactualDistillTrainer(RobustTrainer):
         self._draw_step, self._draw_index = -1, 0
         self._grid: tuple[int, int] | None = None
         self.wise_ft_results: dict = {}
+        self.selection: dict | None = None
+        # beta of the loss: the fixed one, or during the selection each candidate's, then the chosen one's
+        self.distill_weight: float = self.args.fixed_distill_weight
 
     # ------------------------------------------------------------------ teacher
     def _build_teacher(self, teacher, student):
@@ -155,6 +165,8 @@ class CounterfactualDistillTrainer(RobustTrainer):
         stages = [Stage("zero_shot", self._run_zero_shot, self._load_zero_shot)]
         if self.args.compare_vanilla:
             stages.append(Stage("vanilla", self._run_vanilla, self.load_stage_results))
+        if self.args.selects_distill_weight:
+            stages.append(Stage("select", self._run_select, self._load_select))
         stages.append(Stage("distill", self._run_distill, self.load_model_state))
         stages.append(Stage("wise_ft", self._run_wise_ft, self._load_wise_ft))
         return stages
@@ -183,8 +195,44 @@ class CounterfactualDistillTrainer(RobustTrainer):
         self.load_model_state(self.stage_dir("zero_shot"))  # the method starts from the zero-shot model too
 
     def _run_distill(self, stage_dir: Path, resume: bool) -> None:
-        self.train_stage(stage_dir, resume)
+        if self.selection is not None:  # the chosen candidate, already trained
+            self.load_model_state(self.candidate_folder(self.stage_dir("select"), self.selection["chosen"]))
+        else:
+            self.train_stage(stage_dir, resume)
         self.save_model_state(stage_dir)
+
+    # ------------------------------------------------------------------ label-free selection of beta
+    def selection_grid(self) -> list[dict]:
+        """The vanilla fine-tuning (beta = 0) when it is run, then each beta of `selection_distill_weights`."""
+        grid = [{"distill_weight": 0.0}] if self.args.compare_vanilla else []
+        return grid + [{"distill_weight": float(b)} for b in dict.fromkeys(self.args.selection_distill_weights)]
+
+    def _run_select(self, stage_dir: Path, resume: bool) -> None:
+        def train(knobs: dict, folder: Path, resume_candidate: bool) -> None:
+            if knobs["distill_weight"] == 0.0:  # the vanilla fine-tuning, trained by the `vanilla` stage
+                self.load_model_state(self.stage_dir("vanilla"))
+                return
+            self.load_model_state(self.stage_dir("zero_shot"))  # every candidate starts from the zero-shot model
+            self.distill_weight = knobs["distill_weight"]
+            self.train_stage(folder, resume_candidate)
+
+        self.selection = self.run_candidates(stage_dir, self.selection_grid(), train, resume)
+        self.save_stage_json(stage_dir, "selection", self.selection)
+        self._apply_selection()
+
+    def _load_select(self, stage_dir: Path) -> None:
+        self.selection = self.load_stage_json(stage_dir, "selection")
+        self._apply_selection()
+
+    def _apply_selection(self) -> None:
+        self.distill_weight = float(self.selection["candidates"][self.selection["chosen"]]["knobs"]["distill_weight"])
+        if self.distill_weight == 0.0 and self.is_world_process_zero():
+            logger.warning(
+                "Counterfactual distillation did not help on validation: vanilla fine-tuning (beta = 0) had the best "
+                "worst-class accuracy of the %d candidates, so the run keeps the vanilla fine-tuned model (see "
+                "results.json 'selection').",
+                len(self.selection["candidates"]),
+            )
 
     def _stage_state(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_model
@@ -352,7 +400,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
         f_student = self.adapter.image_embedding({"pixel_values": counterfactual})
         f_teacher = self.teacher_embedding(counterfactual)
         distill = F.mse_loss(f_student.float(), f_teacher)
-        loss = ce + args.distill_weight * distill
+        loss = ce + self.distill_weight * distill
 
         self._metrics["ce_loss"].append(ce.detach())
         self._metrics["distill_loss"].append(distill.detach())
@@ -373,9 +421,18 @@ class CounterfactualDistillTrainer(RobustTrainer):
         results = super().results()
         results["counterfactual"] = {
             "mask_strategy": self.args.mask_strategy, "refill_strategy": self.args.refill_strategy,
-            "cam_threshold": self.args.cam_threshold, "distill_weight": self.args.distill_weight,
+            "cam_threshold": self.args.cam_threshold, "distill_weight": self.distill_weight,
             "cam_method": self.adapter.cam_method, "donor_pool": self.args.donor_pool,
         }
+        if self.selection is not None:
+            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+            helped = chosen["distill_weight"] != 0.0
+            results["selection"] = {
+                **self.selection, "chosen_knobs": chosen, "method_helped": helped,
+                "note": (f"counterfactual distillation with beta = {chosen['distill_weight']:g} was chosen on validation"
+                         if helped else "counterfactual distillation did not help on validation (worst-class "
+                         "accuracy): the vanilla fine-tuned model was kept"),
+            }
         if self.wise_ft_results:
             results["wise_ft"] = self.wise_ft_results
         runtimes = {stage: next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None)
@@ -384,6 +441,11 @@ class CounterfactualDistillTrainer(RobustTrainer):
         return results
 
     def write_report(self, output_dir: str | None = None) -> None:
+        if self.is_world_process_zero() and self.args.save_plots and self.selection is not None:
+            from ..plots import plot_selection
+
+            plot_selection(self.selection, Path(output_dir or self.args.output_dir) / "plots" / "selection.png",
+                           title="Counterfactual distillation: label-free selection of beta (0 = vanilla FT)")
         if self.is_world_process_zero() and self.args.save_plots and self.args.plot_examples > 0:
             self.plot_counterfactuals(Path(output_dir or self.args.output_dir) / "plots" / "counterfactuals.png")
         super().write_report(output_dir)

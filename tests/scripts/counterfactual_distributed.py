@@ -38,6 +38,7 @@ def main(out_path: str, work_dir: str) -> None:
         output_dir=work_dir, num_train_epochs=1, per_device_train_batch_size=32 // world, per_device_eval_batch_size=8,
         learning_rate=1e-3, warmup_steps=0, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
         seed=0, logging_steps=1, refill_strategy="single", wise_ft_alphas=[0.5], save_plots=False,
+        counterfactual_selection="off",  # one distillation (beta = 30): the comparison is of its steps
     )
     trainer = CounterfactualDistillTrainer(model, args, train_dataset=data["train"],
                                            eval_dataset={"validation": data["validation"]}, processing_class=processor)
