@@ -139,6 +139,10 @@ class ModelAdapter:
     # where FairDropout goes when no position is named (the paper's choices: after the third residual stage
     # of a ResNet, on a new projection before a text classifier)
     default_positions: tuple[str, ...] = ()
+    # the positions FairDropout's label-free selection tries (each alone) when none is named; empty: the default.
+    # The paper tunes the position by worst-class accuracy over {dp2..dp5} (ResNet-50) and {logits, fc} (BERT); two
+    # per family keeps the grid at 2 positions x the (p_gen, p_mem) pairs
+    selection_positions: tuple[str, ...] = ()
     main_input_name: str = "pixel_values"
     cam_method: str = "xgradcam"
     patch_grid: tuple[int, int] | None = None
@@ -413,6 +417,7 @@ def _timm_adapter(model: nn.Module, timm_model: nn.Module, family_prefix: str) -
             cam_module=_last_block(stages[-1]),  # a hook on the stage never fires under gradient checkpointing
             positions=positions,
             default_positions=("dp4",),
+            selection_positions=("dp4", "dp3"),
         )
     return None
 
@@ -472,6 +477,7 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             cam_module=model.conv4,  # the last conv block (its ReLU): 8x8 at 28x28, the authors' backbone[-3]
             positions=positions,
             default_positions=("conv3",),
+            selection_positions=("conv3", "hidden"),
         )
     if model_type == "clip":
         raise UnsupportedModelError(
@@ -501,6 +507,7 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             cam_module=stages[-1],
             positions=positions,
             default_positions=("dp4",) if "dp4" in positions else (),
+            selection_positions=tuple(p for p in ("dp4", "dp3") if p in positions),
         )
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     embeddings = _get(backbone, "embeddings") if backbone is not None else None
@@ -549,6 +556,7 @@ def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
             embedding_module=model.get_input_embeddings(),
             positions=positions,
             default_positions=("fc",),
+            selection_positions=("fc", "pooled"),
             main_input_name="input_ids",
         )
     return None

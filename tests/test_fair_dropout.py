@@ -570,6 +570,23 @@ def test_two_processes_train_within_tolerance(distributed_runs):
     assert abs(two["eval"][key] - one["eval"][key]) <= 1 / 61 + 1e-9
 
 
+@pytest.mark.distributed
+def test_two_processes_select_the_one_process_candidate(distributed_runs):
+    """The label-free selection (ERM + 2 positions x 1 pair) under 2 processes: the same candidates, each scored
+    on all 61 validation examples, per-class accuracies within one example of the 1-process run's, the same choice."""
+    one, two = distributed_runs
+    knobs = [c["knobs"] for c in one["selection"]["candidates"]]
+    assert knobs == [{"positions": ["pooled"], "p_gen": 1.0, "p_mem": 1.0},
+                     {"positions": ["pooled"], "p_gen": 0.25, "p_mem": 0.3},
+                     {"positions": ["block0"], "p_gen": 0.25, "p_mem": 0.3}]
+    assert [c["knobs"] for c in two["selection"]["candidates"]] == knobs
+    for a, b in zip(one["selection"]["candidates"], two["selection"]["candidates"]):
+        assert b["validation"]["num_examples"] == a["validation"]["num_examples"] == 61
+        # one example of a class of about 30 moves its accuracy by about 1/30
+        assert b["validation"]["class_accuracy"] == pytest.approx(a["validation"]["class_accuracy"], abs=1 / 25)
+    assert two["selection"]["chosen"] == one["selection"]["chosen"]
+
+
 def test_a_projection_position_on_a_peft_model_is_refused():
     """peft saves adapters and modules_to_save only: a trained `fc` projection added after it would be lost."""
     from peft import LoraConfig, get_peft_model

@@ -249,7 +249,8 @@ def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_d
     trainer.train()
     assert trainer.finished_stages == ["select", "fairdropout"]
     knobs = [c["knobs"] for c in trainer.selection["candidates"]]
-    assert knobs == [{"p_gen": 1.0, "p_mem": 1.0}, {"p_gen": 0.5, "p_mem": 0.1}]
+    assert knobs == [{"positions": ["dp4"], "p_gen": 1.0, "p_mem": 1.0},
+                     {"positions": ["dp4"], "p_gen": 0.5, "p_mem": 0.1}]
     chosen = knobs[trainer.selection["chosen"]]
     assert fair_dropout_modules(trainer.model).config.p_gen == chosen["p_gen"]
     # the health check's reference is the ERM candidate, scored as the selection scored it
@@ -262,3 +263,37 @@ def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_d
                         eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
     erm.train()
     assert erm.health["method"]["class_accuracy"] == pytest.approx(trainer.health["erm"]["class_accuracy"], abs=0.02)
+
+
+def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_path, small_digits):
+    """Positions unset: each of the adapter's selection positions (ResNet dp4, dp3) is tried; a candidate at a
+    switched position is the run one would get by naming that position (same masks, same initial weights), and the
+    final model carries the chosen candidate's position and weights."""
+    from safetensors.torch import load_file
+
+    from hf_robust.fair_dropout import fair_dropout_modules
+    from hf_robust.trainer import FairDropoutTrainer, FairDropoutTrainingConfig
+
+    def run(out, **kwargs):
+        model, processor = make_model("hf_resnet", seed=0)
+        config = quick_config(FairDropoutTrainingConfig, tmp_path / out, export_model=False, **kwargs)
+        trainer = FairDropoutTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
+                                     eval_dataset={"validation": small_digits["validation"]})
+        trainer.train()
+        return trainer
+
+    trainer = run("fd", selection_p_gen=[0.5], selection_p_mem=[0.1])
+    knobs = [c["knobs"] for c in trainer.selection["candidates"]]
+    assert knobs == [{"positions": ["dp4"], "p_gen": 1.0, "p_mem": 1.0},
+                     {"positions": ["dp4"], "p_gen": 0.5, "p_mem": 0.1},
+                     {"positions": ["dp3"], "p_gen": 0.5, "p_mem": 0.1}]
+    chosen = trainer.selection["chosen"]
+    assert fair_dropout_modules(trainer.model).config.positions == knobs[chosen]["positions"]
+    saved = load_file(str(trainer.candidate_folder(trainer.stage_dir("select"), chosen) / "model.safetensors"))
+    final = trainer.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in saved.items())
+    # the dp3 candidate (trained after the model was switched from dp4) = a run that names dp3 from the start
+    named = run("dp3", fair_dropout_positions=["dp3"], p_gen=0.5, p_mem=0.1)
+    switched = trainer.selection["candidates"][2]["validation"]
+    assert named.health["method"]["class_accuracy"] == pytest.approx(switched["class_accuracy"], abs=1e-6)
+    assert named.health["method"]["prediction_share"] == pytest.approx(switched["prediction_share"], abs=1e-6)

@@ -30,13 +30,20 @@ class FairDropoutTrainingConfig(RobustConfig):
             p_mem = 0.1. Default: chosen by the selection (below); 0.2 when it is off.
         fairdropout_selection (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: when `p_gen` and `p_mem` are both unset, train one model per candidate — plain ERM (`p_gen=1`)
-            and each (`selection_p_gen[i]`, `selection_p_mem[i]`) pair — from the same initial weights, and keep
-            the one with the best validation worst-CLASS accuracy (labels only; the papers' criterion). The ERM
-            candidate is also the health check's reference. It costs one full training per candidate (3 by
-            default): FairDropout cannot share an ERM stage. `"off"`: one training with the given (or 0.2/0.2) values.
+            and, at each candidate position, each (`selection_p_gen[i]`, `selection_p_mem[i]`) pair — from the
+            same initial weights, and keep the one with the best validation worst-CLASS accuracy (labels only; the
+            FairDropout paper tunes position, p_gen, learning rate and weight decay this way, as does GradTune). The
+            ERM candidate is also the health check's reference. It costs one full training per candidate: 1 + 2
+            positions x 2 pairs = 5 by default (FairDropout cannot share an ERM stage; set `fair_dropout_positions`
+            to search the pairs only: 3). `"off"`: one training with the given (or 0.2/0.2) values.
         selection_p_gen, selection_p_mem (`list[float]`, *optional*, defaults to `[0.5, 0.2]` and `[0.1, 0.2]`):
             The FairDropout candidates, as pairs: the appendix's tuned p_gen 0.5 with p_mem 0.1, and the paper's
-            CelebA 0.2 / 0.2. The positions are not searched (set `fair_dropout_positions`).
+            CelebA 0.2 / 0.2.
+        selection_positions (`list[str]` or `None`, *optional*):
+            Positions the selection tries, each alone, when `fair_dropout_positions` is unset. Default: the
+            adapter's two (ResNet `dp4`, `dp3`; BERT-style `fc`, `pooled`; MNIST CNN `conv3`, `hidden`; ViT
+            `pooled` only). The paper searches {dp2, dp3, dp4, dp5} on ResNet-50 and {logits, fc} on BERT; we keep
+            two per family to bound the cost.
         fair_dropout_seed (`int` or `None`, *optional*):
             Seed of the example-tied masks. Default: `seed`.
         rescale_generalising (`bool`, *optional*, defaults to `False`):
@@ -67,6 +74,11 @@ class FairDropoutTrainingConfig(RobustConfig):
     )
     selection_p_gen: list[float] = field(default_factory=lambda: [0.5, 0.2], metadata={"help": "Candidate p_gen values."})
     selection_p_mem: list[float] = field(default_factory=lambda: [0.1, 0.2], metadata={"help": "Candidate p_mem values."})
+    selection_positions: list[str] | None = field(
+        default=None,
+        metadata={"help": "Positions the selection tries, each alone, when fair_dropout_positions is unset (default: "
+                          "the adapter's: ResNet dp4,dp3; BERT fc,pooled; MNIST CNN conv3,hidden; ViT pooled)."},
+    )
     fair_dropout_seed: int | None = field(default=None, metadata={"help": "Seed of the masks (default: seed)."})
     rescale_generalising: bool = field(
         default=False, metadata={"help": "At evaluation, scale generalising neurons to the training activation mass."}
@@ -83,6 +95,12 @@ class FairDropoutTrainingConfig(RobustConfig):
             self.fair_dropout_positions = [
                 p.strip() for entry in self.fair_dropout_positions for p in str(entry).split(",") if p.strip()
             ]
+        if isinstance(self.selection_positions, str):
+            self.selection_positions = [self.selection_positions]
+        if self.selection_positions is not None:
+            self.selection_positions = [
+                p.strip() for entry in self.selection_positions for p in str(entry).split(",") if p.strip()
+            ] or None
         if self.fairdropout_selection not in ("auto", "off"):
             raise ValueError(f"fairdropout_selection={self.fairdropout_selection!r}: expected 'auto' or 'off'.")
         if len(self.selection_p_gen) != len(self.selection_p_mem) or not self.selection_p_gen:

@@ -3,7 +3,9 @@
 - `FairDropoutTrainer`: ERM on the model with FairDropout injected (`hf_robust.fair_dropout`): every training
   example keeps the generalising neurons and its own fixed subset of memorising neurons at the chosen positions,
   so what only a few examples need — the minority groups' atypical examples — gets memorised by neurons that
-  evaluation drops. Stage: `fairdropout`. Saves the model with `fair_dropout_config.json` (reload with
+  evaluation drops. Stages: `select` (when p_gen / p_mem are unset: ERM and the FairDropout candidates — positions x
+  (p_gen, p_mem) pairs — trained from the same initial weights, chosen on validation worst-class accuracy, labels
+  only) -> `fairdropout`. Saves the model with `fair_dropout_config.json` (reload with
   `load_fair_dropout`) and, in `exported/`, the stock model with the evaluation-time masks folded in.
 - `FairDropoutDFRTrainer`: the same, then DFR's last-layer retraining (`hf_robust.trainer.last_layer`, shared
   with GradTune and DFR) on the FairDropout model's evaluation-mode features of a class-balanced held-out set.
@@ -23,12 +25,14 @@ import numpy as np
 
 from ..data.core import DataValidationError
 from ..fair_dropout import (
+    ATTRIBUTE,
     CONFIG_NAME,
     FairDropoutConfig,
     UnsupportedModelError,
     export_fair_dropout,
     fair_dropout_modules,
     inject_fair_dropout,
+    remove_fair_dropout,
 )
 from .base_trainer import INITIAL_STAGE, RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
 from .fairdropout_config import FairDropoutDFRConfig, FairDropoutTrainingConfig
@@ -70,9 +74,11 @@ class FairDropoutTrainer(RobustTrainer):
         args = self._resolve_args(args)  # needed before the base __init__: the hooks go in first
         checkpoint = getattr(args, "erm_checkpoint", None)  # (FairDropout-DFR's config has one)
         if checkpoint and args.p_gen is None and args.p_mem is None and Path(checkpoint).is_dir():
-            try:  # a saved FairDropout model: its p values (it was trained with them; nothing to select)
+            try:  # a saved FairDropout model: its p values and positions (it was trained with them; nothing to select)
                 saved = FairDropoutConfig.from_pretrained(checkpoint)
                 args.p_gen, args.p_mem = saved.p_gen, saved.p_mem
+                if args.fair_dropout_positions is None:
+                    args.fair_dropout_positions = list(saved.positions)
             except FileNotFoundError:
                 pass  # refused below with the checkpoint check
         model = maybe_wrap_timm(model)
@@ -108,11 +114,45 @@ class FairDropoutTrainer(RobustTrainer):
     def selects(self) -> bool:
         return self.args.selects_fair_dropout and not getattr(self.args, "erm_checkpoint", None)
 
-    # ------------------------------------------------------------------ label-free selection of p_gen / p_mem
+    # ------------------------------------------------------------------ label-free selection
+    def selection_positions(self) -> list[list[str]]:
+        """The position sets the selection tries: the named positions (not searched), else each of
+        `selection_positions` (default: the adapter's two for the family) alone."""
+        if self.args.fair_dropout_positions:
+            return [list(self.args.fair_dropout_positions)]
+        from ..adapters import get_adapter
+
+        adapter = get_adapter(self.accelerator.unwrap_model(self.model))
+        names = self.args.selection_positions or list(adapter.selection_positions or adapter.default_positions)
+        unknown = [n for n in names if n not in adapter.positions]
+        if unknown:
+            raise UnsupportedModelError(
+                f"selection_positions={names}: {unknown} is not a FairDropout position of this "
+                f"{adapter.family} model; its positions are {sorted(adapter.positions)}."
+            )
+        return [[name] for name in names]
+
     def selection_grid(self) -> list[dict]:
-        """Plain ERM (p_gen = p_mem = 1: every neuron always on), then each (p_gen, p_mem) pair of the config."""
-        pairs = zip(self.args.selection_p_gen, self.args.selection_p_mem)
-        return [{"p_gen": 1.0, "p_mem": 1.0}] + [{"p_gen": float(g), "p_mem": float(m)} for g, m in pairs]
+        """Plain ERM (p_gen = p_mem = 1: every neuron always on, at the first position: the layer is then the
+        identity), then each position x each (p_gen, p_mem) pair of the config."""
+        positions = self.selection_positions()
+        pairs = list(zip(self.args.selection_p_gen, self.args.selection_p_mem))
+        return [{"positions": positions[0], "p_gen": 1.0, "p_mem": 1.0}] + [
+            {"positions": where, "p_gen": float(g), "p_mem": float(m)} for where in positions for g, m in pairs
+        ]
+
+    def use_candidate(self, model, knobs: dict) -> None:
+        """Put `model`'s FairDropout at the candidate's positions and p values (re-injected when the positions
+        differ: same seed, so the same masks and, for a projection position, the same initial projection)."""
+        from dataclasses import replace
+
+        modules = fair_dropout_modules(model)
+        positions = knobs.get("positions") or list(modules.config.positions)
+        if list(modules.config.positions) != list(positions):
+            config = replace(modules.config, positions=list(positions))
+            remove_fair_dropout(model)
+            inject_fair_dropout(model, config)
+        self.set_p(model, knobs["p_gen"], knobs["p_mem"])
 
     @staticmethod
     def set_p(model, p_gen: float, p_mem: float) -> None:
@@ -130,13 +170,25 @@ class FairDropoutTrainer(RobustTrainer):
             self.save_model_state(initial)  # every candidate starts from these weights
 
         def train(knobs: dict, folder: Path, resume_candidate: bool) -> None:
-            self.load_model_state(initial)
-            self.set_p(self.model, knobs["p_gen"], knobs["p_mem"])
+            self.use_candidate(self.accelerator.unwrap_model(self.model), knobs)
+            self._load_initial(initial)
             self.train_stage(folder, resume_candidate)
 
         self.selection = self.run_candidates(stage_dir, self.selection_grid(), train, resume)
         self.save_stage_json(stage_dir, "selection", self.selection)
         self._apply_selection()
+
+    def _load_initial(self, folder: Path) -> None:
+        """The shared initial weights; the FairDropout state of another position (a projection) is not in them and
+        keeps its seeded initialisation."""
+        from safetensors.torch import load_model
+
+        device = "cpu" if self.args.device.type == "cpu" else str(self.args.device)
+        missing, unexpected = load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"),
+                                         strict=False, device=device)
+        stray = [k for k in [*missing, *unexpected] if ATTRIBUTE not in k.split(".")]
+        if stray:
+            raise RunSetupError(f"{folder} does not hold this model's initial weights: {stray[:5]} do not match.")
 
     def _load_select(self, stage_dir: Path) -> None:
         self.selection = self.load_stage_json(stage_dir, "selection")
@@ -144,7 +196,7 @@ class FairDropoutTrainer(RobustTrainer):
 
     def _apply_selection(self) -> None:
         chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
-        self.set_p(self.model, chosen["p_gen"], chosen["p_mem"])
+        self.use_candidate(self.accelerator.unwrap_model(self.model), chosen)
         if chosen["p_gen"] == 1.0 and self.is_world_process_zero():
             logger.warning(
                 "FairDropout did not help on validation: plain ERM (p_gen = 1) had the best worst-class accuracy of "
@@ -160,10 +212,9 @@ class FairDropoutTrainer(RobustTrainer):
         return ("the model as given", INITIAL_STAGE)
 
     def health_reference_model(self, stage: str, model):
-        model = super().health_reference_model(stage, model)
-        if self.selects:  # the ERM candidate: every neuron on
-            self.set_p(model, 1.0, 1.0)
-        return model
+        if self.selects:  # the ERM candidate: every neuron on (at its position, whose state its weights hold)
+            self.use_candidate(self.accelerator.unwrap_model(model), self.selection["candidates"][0]["knobs"])
+        return super().health_reference_model(stage, model)
 
     def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
         if self.selects:  # the chosen candidate, already trained

@@ -51,6 +51,18 @@ def main(out_path: str, work_dir: str) -> None:
     fair_dropout_layer.fair_dropout_mask = original
     metrics = trainer.evaluate()
     masks = gather_object(seen) if world > 1 else seen
+    # the label-free selection (positions x one pair, ERM first): every candidate scored on the whole validation
+    # split by the distributed per-example pass
+    model, processor = make_model("hf_vit", seed=0)
+    select_args = FairDropoutTrainingConfig(
+        output_dir=work_dir + "/select", num_train_epochs=1, per_device_train_batch_size=32 // world,
+        per_device_eval_batch_size=8, learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0, logging_steps=1, selection_positions=["pooled", "block0"], selection_p_gen=[0.25],
+        selection_p_mem=[0.3], export_model=False, save_plots=False,
+    )
+    selecting = FairDropoutTrainer(model, select_args, train_dataset=data["train"],
+                                   eval_dataset={"validation": data["validation"]}, processing_class=processor)
+    selecting.train()
     params = torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
     if trainer.is_world_process_zero():
         by_example = {}
@@ -64,6 +76,7 @@ def main(out_path: str, work_dir: str) -> None:
                 "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
                 "params": params.tolist(),
                 "eval": {k: v for k, v in metrics.items() if k.endswith("accuracy")},
+                "selection": selecting.selection,
             },
             open(out_path, "w"),
         )
