@@ -20,7 +20,7 @@ from pathlib import Path
 from bench_common import train_script
 
 SUITE = ("biased_digits", "scene_digits", "tinted_digits")
-SUITE_METHODS = ("erm", "masktune", "gradtune", "dfr", "fairdropout", "fairdropout_dfr")
+SUITE_METHODS = ("erm", "masktune", "gradtune", "dfr", "fairdropout", "fairdropout_dfr", "counterfactual")
 
 
 def _test_split(results: dict) -> str:
@@ -40,7 +40,9 @@ def _chosen_knobs(method: str, results: dict) -> dict:
 
 def _record(method: str, results: dict, erm: dict | None, seconds: float) -> dict:
     split = _test_split(results)
-    reference = results.get("stages", {}).get("ERM", {}).get(split)
+    # the run's own reference stage: ERM (MaskTune, GradTune, DFR), vanilla fine-tuning (counterfactual)
+    stages = results.get("stages", {})
+    reference = (stages.get("ERM") or stages.get("Vanilla FT") or {}).get(split)
     if method == "fairdropout" and erm is not None:  # no ERM stage: plain ERM with the same seed and recipe
         reference = erm["splits"][split]
     if method == "erm":
