@@ -476,6 +476,12 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
                                    p_gen=0.25, p_mem=0.3, erm_checkpoint=str(fairdropout_dir))
     trainer.train()
     assert trainer.finished_stages == ["fairdropout", "heldout", "scores", "select", "last_layer"]
+    # naming neither positions nor p values: the saved FairDropout model's (a selection may have chosen them)
+    adopted = fair_dropout_trainer(tmp_path / "adopt", small_digits, trainer_class=FairDropoutDFRTrainer,
+                                   config_class=FairDropoutDFRConfig, fairdropout_selection="auto",
+                                   erm_checkpoint=str(fairdropout_dir))
+    config = adopted.fair_dropout_config
+    assert (config.positions, config.p_gen, config.p_mem) == (["dp3", "dp5"], 0.25, 0.3) and not adopted.selects
     data = trainer.last_layer_data
     g = int(round(0.25 * data.features.shape[1]))
     assert (data.features[:, g:] == 0).all() and (data.features[:, :g] != 0).any()  # eval-mode features
