@@ -161,14 +161,40 @@ def shared_erm_checkpoint(erm_dir: str, family: str, data, common: dict) -> None
     model.save_pretrained(erm_dir)
 
 
-def one_and_two_process_runs(script: Path, tmp: Path, *extra: str) -> tuple[dict, dict]:
-    """Run `script <out.json> <work dir> *extra` as one process, then as two under `accelerate launch --multi_gpu`
-    (CPU, gloo; `--cpu --num_processes 2` would silently run one); return both JSON outputs."""
+# every 2-process check of the suite (tests/scripts/<name>.py, `main(out_json, work_dir[, erm_dir])`); the two
+# that start from a shared ERM checkpoint get its folder as a third argument
+DISTRIBUTED_CHECKS = ("distributed_check", "batchnorm_distributed", "fair_dropout_distributed",
+                      "counterfactual_distributed", "gradtune_distributed", "masktune_distributed")
+_CHECKS_WITH_ERM = ("gradtune_distributed", "masktune_distributed")
+
+
+@pytest.fixture(scope="session")
+def distributed_checks(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
+    """{check: (1-process output, 2-process output)}: every check of DISTRIBUTED_CHECKS run as one process, then
+    as two under `accelerate launch --multi_gpu` (CPU, gloo; `--cpu --num_processes 2` would silently run one).
+    All checks share one process (one launch): the start-up of a process is about half of a check's time."""
+    tmp = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    outputs = []
-    for name, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
-        command = prefix + [str(script), str(tmp / f"{name}.json"), str(tmp / name), *extra]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    runner = Path(__file__).parent / "scripts" / "run_checks.py"
+    for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
+        plan = []
+        for name in DISTRIBUTED_CHECKS:
+            folder = tmp / name
+            folder.mkdir(exist_ok=True)
+            extra = [str(folder / "erm")] if name in _CHECKS_WITH_ERM else []  # trained by the 1-process run
+            plan.append([str(runner.parent / f"{name}.py"), str(folder / f"{world}.json"), str(folder / world), *extra])
+        (tmp / f"{world}_plan.json").write_text(json.dumps(plan))
+        result = subprocess.run(prefix + [str(runner), str(tmp / f"{world}_plan.json")], env=env, capture_output=True,
+                                text=True, timeout=1800, cwd=tmp)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        outputs.append(json.loads((tmp / f"{name}.json").read_text()))
-    return outputs[0], outputs[1]
+    return {name: tuple(json.loads((tmp / name / f"{world}.json").read_text()) for world in ("one", "two"))
+            for name in DISTRIBUTED_CHECKS}
+
+
+@pytest.fixture(scope="session")
+def train_script_help() -> str:
+    """`python scripts/train.py --help`, run once (a fresh interpreter: the help must not need the heavy imports)."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, one_and_two_process_runs, quick_config
+from conftest import make_model, quick_config
 from counterfactual_helpers import CLASS_NAMES, tiny_clip, tiny_clip_classifier
 from datasets import DatasetDict
 from torch import nn
@@ -631,12 +631,11 @@ def test_digits_teacher_is_trained_once_and_cached(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- two processes
-SCRIPT = Path(__file__).parent / "scripts" / "counterfactual_distributed.py"
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    return one_and_two_process_runs(SCRIPT, tmp_path_factory.mktemp("cf_dist"))
+def distributed_runs(distributed_checks):
+    return distributed_checks["counterfactual_distributed"]
 
 
 @pytest.mark.distributed

@@ -1,17 +1,12 @@
 """N processes give the result of one: a real 2-process run (accelerate launch --multi_gpu, CPU, gloo)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import one_and_two_process_runs
-
-SCRIPT = Path(__file__).parent / "scripts" / "distributed_check.py"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    return one_and_two_process_runs(SCRIPT, tmp_path_factory.mktemp("dist"))
+def runs(distributed_checks):  # tests/scripts/distributed_check.py
+    return distributed_checks["distributed_check"]
 
 
 @pytest.mark.distributed
@@ -58,12 +53,9 @@ def test_training_lands_within_tolerance(runs):
         assert abs(two["eval_after"][key] - one["eval_after"][key]) <= 1 / size + 1e-9
 
 
-BN_SCRIPT = Path(__file__).parent / "scripts" / "batchnorm_distributed.py"
-
-
 @pytest.fixture(scope="module")
-def bn_runs(tmp_path_factory, digits):
-    return one_and_two_process_runs(BN_SCRIPT, tmp_path_factory.mktemp("bn_dist"))
+def bn_runs(distributed_checks):  # tests/scripts/batchnorm_distributed.py
+    return distributed_checks["batchnorm_distributed"]
 
 
 def relative_gap(got, expected) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, one_and_two_process_runs, quick_config
+from conftest import make_model, quick_config
 from torch import nn
 
 from hf_robust.adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
@@ -547,8 +547,8 @@ def test_main_job_runs_fairdropout_with_its_options(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- 2 processes vs 1
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, digits):
-    return one_and_two_process_runs(HERE / "scripts" / "fair_dropout_distributed.py", tmp_path_factory.mktemp("fd_dist"))
+def distributed_runs(distributed_checks):  # tests/scripts/fair_dropout_distributed.py
+    return distributed_checks["fair_dropout_distributed"]
 
 
 @pytest.mark.distributed

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, one_and_two_process_runs, quick_config
+from conftest import make_model, quick_config
 
 from hf_robust.adapters import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
@@ -490,13 +490,11 @@ def test_train_script_runs_gradtune_and_parses_dfr(tmp_path, digits):
 
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
-SCRIPT = Path(__file__).parent / "scripts" / "gradtune_distributed.py"
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    tmp = tmp_path_factory.mktemp("gt_dist")
-    return one_and_two_process_runs(SCRIPT, tmp, str(tmp / "erm"))
+def distributed_runs(distributed_checks):  # tests/scripts/gradtune_distributed.py
+    return distributed_checks["gradtune_distributed"]
 
 
 @pytest.mark.distributed

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, one_and_two_process_runs, quick_config
+from conftest import make_model, quick_config
 from torch import nn
 
 from hf_robust.adapters import UnsupportedModelError, get_adapter
@@ -430,13 +430,11 @@ def test_selective_classifier_abstains_when_models_disagree():
 
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
-DIST_SCRIPT = Path(__file__).parent / "scripts" / "masktune_distributed.py"
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    tmp = tmp_path_factory.mktemp("mt_dist")
-    return one_and_two_process_runs(DIST_SCRIPT, tmp, str(tmp / "erm"))
+def distributed_runs(distributed_checks):  # tests/scripts/masktune_distributed.py
+    return distributed_checks["masktune_distributed"]
 
 
 @pytest.mark.distributed
