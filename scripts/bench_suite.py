@@ -38,13 +38,15 @@ def _chosen_knobs(method: str, results: dict) -> dict:
     return {}
 
 
-def _record(method: str, results: dict, erm: dict | None, seconds: float) -> dict:
+def _record(method: str, results: dict, erm: dict | None, seconds: float, erm_record: dict | None = None) -> dict:
     split = _test_split(results)
     # the run's own reference stage: ERM (MaskTune, GradTune, DFR), vanilla fine-tuning (counterfactual)
     stages = results.get("stages", {})
     reference = (stages.get("ERM") or stages.get("Vanilla FT") or {}).get(split)
     if method == "fairdropout" and erm is not None:  # no ERM stage: plain ERM with the same seed and recipe
         reference = erm["splits"][split]
+    elif method == "fairdropout" and erm_record is not None:  # that ERM run, recorded earlier in the results file
+        reference = {"worst_group_accuracy": erm_record["test_worst_group"]}
     if method == "erm":
         reference = results["splits"][split]
     health = results.get("health") or {}
@@ -71,8 +73,11 @@ def _run(train, method: str, benchmark: str, seed: int, out: Path, *extra: str) 
     return results, time.perf_counter() - start
 
 
-def run_suite(seeds: list[int], benchmarks=SUITE, methods=SUITE_METHODS, on_result=None) -> dict:
-    """{benchmark: {method: {"runs": [record per seed], "mean": {...}}}}; `on_result(table)` after each run."""
+def run_suite(seeds: list[int], benchmarks=SUITE, methods=SUITE_METHODS, on_result=None, recorded=None) -> dict:
+    """{benchmark: {method: {"runs": [record per seed], "mean": {...}}}}; `on_result(table)` after each run.
+    `recorded`: the suite already in the results file; FairDropout's reference (plain ERM, same seed and recipe: a
+    deterministic run) is read from it when there, instead of training that ERM again."""
+    recorded = recorded or {}
     train = train_script()
     table: dict = {}
     for benchmark in benchmarks:
@@ -80,7 +85,9 @@ def run_suite(seeds: list[int], benchmarks=SUITE, methods=SUITE_METHODS, on_resu
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
                 erm = None
-                needs_erm = {"erm", "gradtune", "dfr", "fairdropout"} & set(methods)
+                erm_record = next((r for r in recorded.get(benchmark, {}).get("erm", {}).get("runs", [])
+                                   if r["seed"] == seed), None)
+                needs_erm = {"erm", "gradtune", "dfr"} & set(methods) or ("fairdropout" in methods and not erm_record)
                 if needs_erm:
                     erm, seconds = _run(train, "erm", benchmark, seed, tmp / "erm")
                     if "erm" in methods:
@@ -94,7 +101,7 @@ def run_suite(seeds: list[int], benchmarks=SUITE, methods=SUITE_METHODS, on_resu
                     if method == "fairdropout_dfr" and (tmp / "fairdropout").is_dir():
                         extra = ["--erm_checkpoint", str(tmp / "fairdropout")]
                     results, seconds = _run(train, method, benchmark, seed, tmp / method, *extra)
-                    _add(table, benchmark, method, _record(method, results, erm, seconds), on_result)
+                    _add(table, benchmark, method, _record(method, results, erm, seconds, erm_record), on_result)
     return table
 
 
@@ -143,5 +150,33 @@ def markdown_table(table: dict) -> str:
             if method != "erm":
                 cell += f" (ref. {_pct(m['reference_test_worst_group'])})"
             cells.append(f"{cell}; {health}; seeds {','.join(map(str, m['seeds']))}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _knobs(chosen: dict) -> str:
+    if not chosen:
+        return "–"
+    parts = []
+    for key, value in chosen.items():
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def knobs_table(table: dict) -> str:
+    """Method x benchmark: the knobs each seed's run chose on validation (labels only), and its health status."""
+    benchmarks = list(table)
+    methods = list(dict.fromkeys(m for b in benchmarks for m in table[b] if m != "erm"))
+    lines = ["| method | " + " | ".join(benchmarks) + " |", "| --- |" + " --- |" * len(benchmarks)]
+    for method in methods:
+        cells = []
+        for benchmark in benchmarks:
+            entry = table[benchmark].get(method)
+            cells.append("–" if not entry else "<br>".join(
+                f"seed {r['seed']}: {_knobs(r['chosen'])} ({r['health']})" for r in entry["runs"]))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -216,8 +216,9 @@ def main() -> None:
                                                 "measured_at": time.strftime("%Y-%m-%d %H:%M")}
             path.write_text(json.dumps(results, indent=2))
 
-        bench_suite.run_suite(seeds, benchmarks, methods, on_result=save)
+        bench_suite.run_suite(seeds, benchmarks, methods, on_result=save, recorded=json.loads(json.dumps(suite)))
         print(bench_suite.markdown_table(suite))
+        print(bench_suite.knobs_table(suite))
         return
     for method in args.methods.split(","):
         if args.timing_only:
