@@ -40,9 +40,10 @@ def _chosen_knobs(method: str, results: dict) -> dict:
 
 def _record(method: str, results: dict, erm: dict | None, seconds: float, erm_record: dict | None = None) -> dict:
     split = _test_split(results)
-    # the run's own reference stage: ERM (MaskTune, GradTune, DFR), vanilla fine-tuning (counterfactual)
+    # the run's own reference stage: ERM (MaskTune, GradTune, DFR), vanilla fine-tuning (counterfactual), the
+    # FairDropout model whose last layer FairDropout-DFR retrains
     stages = results.get("stages", {})
-    reference = (stages.get("ERM") or stages.get("Vanilla FT") or {}).get(split)
+    reference = (stages.get("ERM") or stages.get("Vanilla FT") or stages.get("FairDropout") or {}).get(split)
     if method == "fairdropout" and erm is not None:  # no ERM stage: plain ERM with the same seed and recipe
         reference = erm["splits"][split]
     elif method == "fairdropout" and erm_record is not None:  # that ERM run, recorded earlier in the results file
