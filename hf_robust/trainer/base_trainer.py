@@ -523,7 +523,20 @@ class RobustTrainer(Trainer):
         """Keep the current evaluation results under `stage` (e.g. the ERM model before MaskTune)."""
         self.stage_results[stage] = copy.deepcopy(self.eval_results)
 
+    # the label-free selection's record (`run_candidates`), set by a method's `select` stage
+    selection: dict | None = None
+
+    def selection_outcome(self, knobs: dict) -> tuple[bool, str]:
+        """(whether the chosen `knobs` are the method, not its unchanged model; the note that says so), for the
+        report of a method with a `select` stage."""
+        raise NotImplementedError(f"{type(self).__name__} has a selection but no selection_outcome().")
+
     def results(self) -> dict:
+        selection = None
+        if self.selection is not None:
+            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+            helped, note = self.selection_outcome(chosen)
+            selection = {**self.selection, "chosen_knobs": chosen, "method_helped": helped, "note": note}
         return {
             "method": self._name,
             "trainer": type(self).__name__,
@@ -536,6 +549,7 @@ class RobustTrainer(Trainer):
             "finished_stages": self.finished_stages,
             "skipped_stages": self.skipped_stages,
             "health": self.health,
+            **({"selection": selection} if selection is not None else {}),
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -610,6 +624,11 @@ class RobustTrainer(Trainer):
             runs = {stage: splits for stage, splits in self.stage_results.items()}
             runs[self._name] = self.eval_results
             plot_group_accuracies(runs, output_dir / "plots" / "group_accuracy.png", title=self.dataset_name)
+            if self.selection is not None:
+                from ..plots import plot_selection
+
+                plot_selection(self.selection, output_dir / "plots" / "selection.png",
+                               title=f"{self._name}: label-free selection (candidate 0 = the unchanged model)")
             plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
         results = self.results()
         card = self.create_model_card_object(results, plot_files, output_dir=output_dir)

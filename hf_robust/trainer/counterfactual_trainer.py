@@ -108,7 +108,6 @@ class CounterfactualDistillTrainer(RobustTrainer):
         self._draw_step, self._draw_index = -1, 0
         self._grid: tuple[int, int] | None = None
         self.wise_ft_results: dict = {}
-        self.selection: dict | None = None
         # beta of the loss: the fixed one, or during the selection each candidate's, then the chosen one's
         self.distill_weight: float = self.args.fixed_distill_weight
 
@@ -233,6 +232,12 @@ class CounterfactualDistillTrainer(RobustTrainer):
                 "results.json 'selection').",
                 len(self.selection["candidates"]),
             )
+
+    def selection_outcome(self, knobs: dict) -> tuple[bool, str]:
+        if knobs["distill_weight"] != 0.0:
+            return True, f"counterfactual distillation with beta = {knobs['distill_weight']:g} was chosen on validation"
+        return False, ("counterfactual distillation did not help on validation (worst-class accuracy): the vanilla "
+                       "fine-tuned model was kept")
 
     def _stage_state(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_model
@@ -424,15 +429,6 @@ class CounterfactualDistillTrainer(RobustTrainer):
             "cam_threshold": self.args.cam_threshold, "distill_weight": self.distill_weight,
             "cam_method": self.adapter.cam_method, "donor_pool": self.args.donor_pool,
         }
-        if self.selection is not None:
-            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
-            helped = chosen["distill_weight"] != 0.0
-            results["selection"] = {
-                **self.selection, "chosen_knobs": chosen, "method_helped": helped,
-                "note": (f"counterfactual distillation with beta = {chosen['distill_weight']:g} was chosen on validation"
-                         if helped else "counterfactual distillation did not help on validation (worst-class "
-                         "accuracy): the vanilla fine-tuned model was kept"),
-            }
         if self.wise_ft_results:
             results["wise_ft"] = self.wise_ft_results
         runtimes = {stage: next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None)
@@ -441,11 +437,6 @@ class CounterfactualDistillTrainer(RobustTrainer):
         return results
 
     def write_report(self, output_dir: str | None = None) -> None:
-        if self.is_world_process_zero() and self.args.save_plots and self.selection is not None:
-            from ..plots import plot_selection
-
-            plot_selection(self.selection, Path(output_dir or self.args.output_dir) / "plots" / "selection.png",
-                           title="Counterfactual distillation: label-free selection of beta (0 = vanilla FT)")
         if self.is_world_process_zero() and self.args.save_plots and self.args.plot_examples > 0:
             self.plot_counterfactuals(Path(output_dir or self.args.output_dir) / "plots" / "counterfactuals.png")
         super().write_report(output_dir)

@@ -95,7 +95,6 @@ class FairDropoutTrainer(RobustTrainer):
                     "model without FairDropout, or arguments that match it."
                 )
         super().__init__(model, args, *pargs, **kwargs)
-        self.selection: dict | None = None
         if self.train_dataset is None and not getattr(args, "erm_checkpoint", None):
             raise DataValidationError(f"{type(self).__name__} needs a train_dataset: FairDropout is a training method.")
 
@@ -274,11 +273,6 @@ class FairDropoutTrainer(RobustTrainer):
         return folder
 
     def write_report(self, output_dir: str | None = None) -> None:
-        if self.is_world_process_zero() and self.args.save_plots and getattr(self, "selection", None) is not None:
-            from ..plots import plot_selection
-
-            plot_selection(self.selection, Path(output_dir or self.args.output_dir) / "plots" / "selection.png",
-                           title="FairDropout: label-free selection (p_gen = 1 is ERM)")
         super().write_report(output_dir)
         if not self.is_world_process_zero():
             return
@@ -323,15 +317,12 @@ class FairDropoutTrainer(RobustTrainer):
     def results(self) -> dict:
         results = super().results()
         results["fair_dropout"] = self.fair_dropout_config.to_dict()
-        if getattr(self, "selection", None) is not None:
-            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
-            helped = chosen["p_gen"] != 1.0
-            results["selection"] = {
-                **self.selection, "chosen_knobs": chosen, "method_helped": helped,
-                "note": ("a FairDropout model was chosen on validation" if helped else
-                         "FairDropout did not help on validation (worst-class accuracy): the ERM model was kept"),
-            }
         return results
+
+    def selection_outcome(self, knobs: dict) -> tuple[bool, str]:
+        if knobs["p_gen"] != 1.0:
+            return True, "a FairDropout model was chosen on validation"
+        return False, "FairDropout did not help on validation (worst-class accuracy): the ERM model was kept"
 
 
 

@@ -119,7 +119,6 @@ class MaskTuneTrainer(RobustTrainer):
         self.finetune_learning_rate: float | None = None  # set by the erm stage (or the selection)
         self.finetune_batch_size = self.args.finetune_batch_size or self.args.per_device_train_batch_size
         self.mask_threshold = self.args.mask_threshold_std if self.args.mask_threshold_std is not None else 2.0
-        self.selection: dict | None = None
         self.masktune_kept_erm = False
         if self.input_kind == "image":  # a CAM that cannot localise (a 1x1 map) fails here, not after ERM
             batch = self.eval_collator([self.train_dataset[0]])
@@ -364,18 +363,16 @@ class MaskTuneTrainer(RobustTrainer):
         self.selective_results = self.load_stage_json(stage_dir, "selective")
 
     # ------------------------------------------------------------------ report
+    def selection_outcome(self, knobs: dict) -> tuple[bool, str]:
+        if knobs["finetune"]:
+            return True, "a MaskTune fine-tuning was chosen on validation"
+        return False, "MaskTune did not help on validation (worst-class accuracy): the ERM model was kept"
+
     def results(self) -> dict:
         results = super().results()
         results["finetune_learning_rate"] = self.finetune_learning_rate
         results["finetune_batch_size"] = self.finetune_batch_size
         results["mask_threshold_std"] = self.mask_threshold
-        if self.selection is not None:
-            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
-            results["selection"] = {
-                **self.selection, "chosen_knobs": chosen, "method_helped": bool(chosen["finetune"]),
-                "note": ("MaskTune did not help on validation (worst-class accuracy): the ERM model was kept"
-                         if not chosen["finetune"] else "a MaskTune fine-tuning was chosen on validation"),
-            }
         if self.masks is not None:
             results["masked_fraction_mean"] = float(self.masks.masked_fraction().mean())
         if self.selective_results:
@@ -389,10 +386,6 @@ class MaskTuneTrainer(RobustTrainer):
 
             if self.selective_results.get("curves"):
                 plot_risk_coverage(self.selective_results["curves"], out / "risk_coverage.png")
-            if self.selection is not None:
-                from ..plots import plot_selection
-
-                plot_selection(self.selection, out / "selection.png", title="MaskTune: label-free selection")
             if self.input_kind == "image" and self.masks is not None:
                 self._plot_cams(out / "cam_overlays.png")
         super().write_report(output_dir)
