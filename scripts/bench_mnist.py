@@ -13,7 +13,9 @@ by default; rows not run keep their entries): `test_biased_accuracy`, `test_bias
 `test_original_accuracy` (each `{"mean", "std", "per_seed"}`, fractions), `seconds` (wall clock per run), and
 `paper` (the paper's mean and std, as fractions, with the table they come from; null where the paper has none).
 
-Rows: `erm` (read off the ERM stage of the `masktune` runs when both are asked for: the same model, trained once),
+Rows: `erm` (read off the ERM stage of the `masktune` runs when both are asked for: the same model, trained once;
+likewise `fairdropout` from `fairdropout_dfr`'s "FairDropout" stage and the 1- and 2-iteration two-squares rows from
+the 3-iteration run of their mode: see DERIVED),
 (`gradtune` and `dfr` start from one ERM model per seed, trained once per process and not counted in their time)
 `masktune`, `randmask`, `two_squares_{accumulative,non_accumulative}_{1,2,3}` (num_squares=2, MaskTune iterations),
 `gradtune`, `dfr`, `fairdropout`, `fairdropout_dfr`. The `masktune` row also keeps the selective-classification
@@ -68,6 +70,16 @@ ROWS = {  # row -> (method, extra flags of scripts/train.py)
     "dfr": ("dfr", []),
     "fairdropout": ("fairdropout", []),
     "fairdropout_dfr": ("fairdropout_dfr", []),
+}
+
+# rows read off a stage of another row's runs (the same model, trained once): asked-for row -> (row whose runs hold
+# it, the stage). FairDropout is FairDropout-DFR's model before its last layer is retrained; MaskTune's iterations
+# 1 and 2 are the 3-iteration run before its later iterations (iteration 1 is the same model in both modes).
+DERIVED = {
+    "erm": ("masktune", "ERM"),
+    "fairdropout": ("fairdropout_dfr", "FairDropout"),
+    **{f"two_squares_{mode}_{n}": (f"two_squares_{mode}_3", f"MaskTune {n}")
+       for mode in ("accumulative", "non_accumulative") for n in (1, 2)},
 }
 
 
@@ -172,6 +184,9 @@ def run_row(row: str, seeds: list[int], recipe: list[str], data_path: str | None
         entry["selective"] = [run["selective"] for run in runs]
     if "health" in runs[0]:
         entry["health"] = [run["health"] for run in runs]
+    if "selection" in runs[0]:  # the knobs each seed's label-free selection chose
+        entry["selection"] = [{"chosen_knobs": run["selection"]["chosen_knobs"],
+                               "method_helped": run["selection"]["method_helped"]} for run in runs]
     return entry, runs
 
 
@@ -185,7 +200,7 @@ def merge_entries(first: dict, second: dict) -> dict:
         if isinstance(value, dict) and "per_seed" in value and isinstance(second.get(key), dict):
             values = value["per_seed"] + second[key]["per_seed"]
             merged[key] = _stats(values) if "std" in value else {"mean": statistics.mean(values), "per_seed": values}
-    for key in ("selective", "health"):
+    for key in ("selective", "health", "selection"):
         if key in first and key in second:
             merged[key] = first[key] + second[key]
     return merged
@@ -254,16 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     recipe = ["--config", str(HERE / "recipes" / "biased_mnist_paper.yaml")] if args.recipe == "paper" else []
     path = Path(args.output)
     for row in rows:
-        if row == "erm" and "masktune" in rows:
-            continue  # read off the masktune runs below
+        if row in DERIVED and DERIVED[row][0] in rows:
+            continue  # read off the other row's runs below
         print(f"== biased_mnist {row} (seeds {seeds}, {args.recipe} recipe)", flush=True)
         entry, runs = run_row(row, seeds, recipe, args.data_path)
         entries = {row: entry}
-        if row == "masktune" and "erm" in rows:
-            erm = summarise(runs, seeds, stage="ERM")
-            erm["seconds"] = None
-            erm["command"] = "the ERM stage of the masktune row's runs (the same model a --method erm run trains)"
-            entries["erm"] = erm
+        for name, (source, stage) in DERIVED.items():
+            if source == row and name in rows:
+                derived = summarise(runs, seeds, stage=stage)
+                derived["seconds"] = None
+                derived["command"] = f"the {stage!r} stage of the {source} row's runs (the same model, trained once)"
+                entries[name] = derived
         results = json.loads(path.read_text()) if path.exists() else {}
         table = results.setdefault("reproductions", {}).setdefault("biased_mnist", {})
         for name, value in entries.items():

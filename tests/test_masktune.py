@@ -313,6 +313,14 @@ def test_accumulative_masking_keeps_earlier_masks(tmp_path, small_digits):
     assert trainer.finished_stages == ["erm", "masks_1", "finetune_1", "masks_2", "finetune_2", "selective"]
     assert (seen[1] | seen[0]).equal(seen[1])  # round 2 contains round 1
     assert seen[1].sum() >= seen[0].sum()
+    # the earlier iteration's model is reported as a stage; the last one is the run's own result
+    assert [s for s in trainer.stage_results if s.startswith("MaskTune")] == ["MaskTune 1"]
+    first = trainer.stage_results["MaskTune 1"]
+    assert set(first) == {"validation", "test_biased"}
+    resumed = mt_trainer(tmp_path, small_digits, masktune_iterations=2, accumulative_masking=True,
+                         mask_threshold_std=1.0)
+    resumed.train(resume_from_checkpoint=True)  # every stage loaded, none re-run: the stage is read back
+    assert resumed.stage_results["MaskTune 1"] == first
 
 
 def test_masktune_on_text_masks_real_tokens(tmp_path, text_data, tokenizer):

@@ -142,7 +142,7 @@ class MaskTuneTrainer(RobustTrainer):
             stages.append(Stage("select", self._run_select, self._load_select))
         for i in range(1, self.args.masktune_iterations + 1):
             stages.append(Stage(f"masks_{i}", partial(self._run_masks, i), self._load_masks))
-            stages.append(Stage(f"finetune_{i}", partial(self._run_finetune, i), self.load_model_state))
+            stages.append(Stage(f"finetune_{i}", partial(self._run_finetune, i), self._load_finetune))
         stages.append(Stage("selective", self._run_selective, self._load_selective))
         return stages
 
@@ -292,6 +292,12 @@ class MaskTuneTrainer(RobustTrainer):
         else:
             self._finetune(stage_dir, resume, self.finetune_learning_rate, self.finetune_batch_size)
         self.save_model_state(stage_dir)
+        if iteration < self.args.masktune_iterations:  # each earlier iteration's model is reported too
+            self.evaluate_stage(f"MaskTune {iteration}", stage_dir)
+
+    def _load_finetune(self, stage_dir: Path) -> None:
+        self.load_model_state(stage_dir)
+        self.load_stage_results(stage_dir)
 
     def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int) -> None:
         """One epoch on the masked training set (`self.masks`) at a constant learning rate."""
