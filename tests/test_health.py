@@ -247,7 +247,7 @@ def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_d
     trainer = FairDropoutTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
                                  eval_dataset={"validation": small_digits["validation"]})
     trainer.train()
-    assert trainer.finished_stages == ["select", "fairdropout"]
+    assert trainer.finished_stages == ["select_fair_dropout", "fairdropout"]
     knobs = [c["knobs"] for c in trainer.selection["candidates"]]
     assert knobs == [{"positions": ["dp4"], "p_gen": 1.0, "p_mem": 1.0},
                      {"positions": ["dp4"], "p_gen": 0.5, "p_mem": 0.1}]
@@ -263,6 +263,30 @@ def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_d
                         eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
     erm.train()
     assert erm.health["method"]["class_accuracy"] == pytest.approx(trainer.health["erm"]["class_accuracy"], abs=0.02)
+
+
+def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(tmp_path, small_digits):
+    """FairDropout-DFR with its default selection (no erm_checkpoint): the knob selection and the last layer's
+    held-out selection are two stages of one run, and the head is retrained on the chosen candidate's model."""
+    from hf_robust.fair_dropout import fair_dropout_modules
+    from hf_robust.trainer import FairDropoutDFRConfig, FairDropoutDFRTrainer
+
+    model, processor = make_model("hf_resnet", seed=0)
+    config = quick_config(FairDropoutDFRConfig, tmp_path / "fd_dfr", fair_dropout_positions=["dp4"],
+                          selection_p_gen=[0.5], selection_p_mem=[0.1], export_model=False)
+    trainer = FairDropoutDFRTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
+                                    eval_dataset={"validation": small_digits["validation"]})
+    trainer.train()
+    assert trainer.finished_stages == ["select_fair_dropout", "fairdropout", "heldout", "scores", "select",
+                                       "last_layer"]
+    chosen = trainer.selection["candidates"][trainer.selection["chosen"]]
+    assert fair_dropout_modules(trainer.model).config.p_gen == chosen["knobs"]["p_gen"]
+    # the health check's reference (the FairDropout stage) is the chosen candidate, scored as the selection scored
+    # it (both on the half of validation the head is not fitted on)
+    assert trainer.health["reference"] == "FairDropout"
+    assert trainer.health["erm"] == chosen["validation"]
+    assert "FairDropout" in trainer.stage_results
+    assert trainer.finetune_sets.shape[0] == config.dfr_num_subsets
 
 
 def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_path, small_digits):
@@ -289,7 +313,7 @@ def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_pat
                      {"positions": ["dp3"], "p_gen": 0.5, "p_mem": 0.1}]
     chosen = trainer.selection["chosen"]
     assert fair_dropout_modules(trainer.model).config.positions == knobs[chosen]["positions"]
-    saved = load_file(str(trainer.candidate_folder(trainer.stage_dir("select"), chosen) / "model.safetensors"))
+    saved = load_file(str(trainer.candidate_folder(trainer.stage_dir("select_fair_dropout"), chosen) / "model.safetensors"))
     final = trainer.model.state_dict()
     assert all(torch.equal(final[k], v) for k, v in saved.items())
     # the dp3 candidate (trained after the model was switched from dp4) = a run that names dp3 from the start

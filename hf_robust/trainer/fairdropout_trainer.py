@@ -103,10 +103,13 @@ class FairDropoutTrainer(RobustTrainer):
         return fair_dropout_modules(self.model).config
 
     # ------------------------------------------------------------------ stages
+    # the knob selection's stage; not "select", which FairDropout-DFR's last-layer stages use for the held-out sets
+    SELECT_STAGE = "select_fair_dropout"
+
     def stages(self) -> list[Stage]:
         stages = [Stage("fairdropout", self._run_fairdropout, self._load_fairdropout)]
         if self.selects:
-            stages.insert(0, Stage("select", self._run_select, self._load_select))
+            stages.insert(0, Stage(self.SELECT_STAGE, self._run_select_knobs, self._load_select_knobs))
         return stages
 
     @property
@@ -163,7 +166,7 @@ class FairDropoutTrainer(RobustTrainer):
         for layer in modules.layers.values():
             layer.p_gen, layer.p_mem = float(p_gen), float(p_mem)
 
-    def _run_select(self, stage_dir: Path, resume: bool) -> None:
+    def _run_select_knobs(self, stage_dir: Path, resume: bool) -> None:
         initial = stage_dir / "initial"
         if not (resume and (initial / "model.safetensors").is_file()):
             self.save_model_state(initial)  # every candidate starts from these weights
@@ -189,7 +192,7 @@ class FairDropoutTrainer(RobustTrainer):
         if stray:
             raise RunSetupError(f"{folder} does not hold this model's initial weights: {stray[:5]} do not match.")
 
-    def _load_select(self, stage_dir: Path) -> None:
+    def _load_select_knobs(self, stage_dir: Path) -> None:
         self.selection = self.load_stage_json(stage_dir, "selection")
         self._apply_selection()
 
@@ -207,7 +210,7 @@ class FairDropoutTrainer(RobustTrainer):
         """With the selection, its ERM candidate (p_gen = 1, same recipe and initial weights); without, the model as
         given (saved before training)."""
         if self.selects:
-            return ("ERM (p_gen = 1)", f"select/{self.candidate_folder(Path(), 0)}")
+            return ("ERM (p_gen = 1)", f"{self.SELECT_STAGE}/{self.candidate_folder(Path(), 0)}")
         return ("the model as given", INITIAL_STAGE)
 
     def health_reference_model(self, stage: str, model):
@@ -217,7 +220,7 @@ class FairDropoutTrainer(RobustTrainer):
 
     def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
         if self.selects:  # the chosen candidate, already trained
-            self.load_model_state(self.candidate_folder(self.stage_dir("select"), self.selection["chosen"]))
+            self.load_model_state(self.candidate_folder(self.stage_dir(self.SELECT_STAGE), self.selection["chosen"]))
             self.save_model_state(stage_dir)
         else:
             self.train_or_load_checkpoint(stage_dir, resume, load=self._load_fairdropout_checkpoint)
