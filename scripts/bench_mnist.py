@@ -231,6 +231,29 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+SELECTIVE_TARGETS = (100, 95, 90)  # the coverages of the MaskTune paper's selective-classification tables
+
+
+def selective_table(entry: dict) -> str:
+    """The README table of the `masktune` row's selective classification: per selector and test split, the coverage
+    reached and the risk (error on the kept examples) at the thresholds calibrated on validation for each target
+    coverage, mean over the seeds (%)."""
+    reports = [run["report"] for run in entry.get("selective", []) if run.get("report")]
+    if not reports:
+        return ""
+    head = " | ".join(f"{t}% target: coverage / risk" for t in SELECTIVE_TARGETS)
+    lines = [f"| selector | split | {head} |", "| --- | --- |" + " --- |" * len(SELECTIVE_TARGETS)]
+    for selector in reports[0]:
+        for split in reports[0][selector]:
+            cells = []
+            for target in SELECTIVE_TARGETS:
+                coverage = statistics.mean(r[selector][split][f"coverage_at_{target}"] for r in reports)
+                risk = statistics.mean(r[selector][split][f"risk_at_{target}"] for r in reports)
+                cells.append(f"{100 * coverage:.1f} / {100 * risk:.2f}")
+            lines.append(f"| {selector} | {split} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="masktune,erm", help=f"comma-separated, from {list(ROWS)}")
@@ -256,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.table:
         results = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
-        print(markdown_table(results.get("reproductions", {}).get("biased_mnist", {})))
+        table = results.get("reproductions", {}).get("biased_mnist", {})
+        print(markdown_table(table))
+        if "masktune" in table and table["masktune"].get("selective"):
+            print(f"\nSelective classification (`masktune` row, {len(table['masktune']['selective'])} seeds, "
+                  "thresholds calibrated on validation):\n")
+            print(selective_table(table["masktune"]))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
