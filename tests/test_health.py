@@ -141,7 +141,7 @@ def mt_selecting(tmp_path, data, **kwargs):
     model, _ = make_model("timm_wrapper_resnet")
     config = quick_config(MaskTuneConfig, tmp_path / "mt", num_train_epochs=2, mask_threshold_std=1.0,
                           **{"selection_learning_rate_factors": [0.1, 1.0], "selection_batch_size_divisors": [2],
-                             **kwargs})
+                             "masktune_iterations": 1, **kwargs})
     return MaskTuneTrainer(model, config, train_dataset=data["train"],
                            eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]})
 
@@ -208,6 +208,49 @@ def test_the_erm_model_wins_when_fine_tuning_hurts(tmp_path, small_digits, caplo
     assert trainer.health["method"] == trainer.health["erm"]  # the kept model is the ERM model
     val = small_digits["validation"]
     np.testing.assert_array_equal(predictions(trainer, val), candidate_predictions(trainer, 0, val))
+
+
+def test_rounds_are_chosen_on_validation_and_resume(tmp_path, small_digits):
+    """masktune_iterations unset: round i + 1 runs only while round i improved on the round before (validation
+    worst-class accuracy); the run keeps the last round that improved (its model and masks), the rounds after it
+    are skipped stages, and a resumed run rebuilds the same choice from the stage folders."""
+    from safetensors.torch import load_file
+
+    from hf_robust.masking import MaskStore
+
+    def summary(worst):
+        return {"accuracy": worst, "worst_class_accuracy": worst, "class_accuracy": [worst, worst],
+                "prediction_share": [0.5, 0.5], "nonfinite_share": 0.0}
+
+    kwargs = dict(finetune_learning_rate=1e-3, finetune_batch_size=16, masktune_iterations=None,
+                  selection_max_iterations=4)
+    trainer = mt_selecting(tmp_path, small_digits, **kwargs)
+    assert "select" not in [s.name for s in trainer.stages()] and trainer.chooses_iterations
+    rounds = iter([summary(0.6), summary(0.8), summary(0.7)])  # round 2 improves on round 1, round 3 does not
+    trainer._round_summary = lambda: next(rounds)
+    trainer.train()
+    assert trainer.finished_stages == ["erm", "masks_1", "finetune_1", "masks_2", "finetune_2", "masks_3",
+                                       "finetune_3", "masks_4", "finetune_4", "selective"]
+    assert trainer.stopped_after == 2 and [r["iteration"] for r in trainer.iteration_records] == [1, 2, 3]
+    kept = load_file(str(trainer.stage_dir("finetune_2") / "model.safetensors"))
+    final = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(final[k], v) for k, v in kept.items())
+    round_masks = [MaskStore.from_state_dict(trainer.load_stage_tensors(trainer.stage_dir(f"masks_{i}"), "masks"))
+                   for i in (1, 2, 3)]
+    assert torch.equal(trainer.masks.masks(), round_masks[1].masks())  # round 2's masks, not round 3's
+    assert (round_masks[1].masks() | round_masks[0].masks()).equal(round_masks[1].masks())  # accumulative
+    assert not (trainer.stage_dir("masks_4") / "masks.safetensors").exists()  # never computed
+    assert {"MaskTune 1", "MaskTune 2", "MaskTune 3"} <= set(trainer.stage_results)  # every round reported
+    results = trainer.results()
+    assert [c["knobs"]["iterations"] for c in results["selection"]["candidates"]] == [1, 2, 3]
+    assert results["selection"]["chosen_knobs"]["iterations"] == 2 and "2 accumulative round" in results["selection"]["note"]
+    resumed = mt_selecting(tmp_path, small_digits, **kwargs)
+    resumed.train(resume_from_checkpoint=True)  # nothing re-run: the rounds' records are read back
+    assert resumed.stopped_after == 2 and resumed.iteration_records == trainer.iteration_records
+    assert resumed.skipped_stages == trainer.finished_stages
+    final = resumed.accelerator.unwrap_model(resumed.model).state_dict()
+    assert all(torch.equal(final[k], v) for k, v in kept.items())
+    assert torch.equal(resumed.masks.masks(), round_masks[1].masks())
 
 
 def test_setting_every_knob_skips_the_selection(tmp_path, small_digits):

@@ -531,12 +531,17 @@ class RobustTrainer(Trainer):
         report of a method with a `select` stage."""
         raise NotImplementedError(f"{type(self).__name__} has a selection but no selection_outcome().")
 
+    def selection_record(self) -> dict | None:
+        """The selection as reported (results.json, plots/selection.png): `self.selection` unless a method adds
+        choices made after its `select` stage."""
+        return self.selection
+
     def results(self) -> dict:
-        selection = None
-        if self.selection is not None:
-            chosen = self.selection["candidates"][self.selection["chosen"]]["knobs"]
+        selection = self.selection_record()
+        if selection is not None:
+            chosen = selection["candidates"][selection["chosen"]]["knobs"]
             helped, note = self.selection_outcome(chosen)
-            selection = {**self.selection, "chosen_knobs": chosen, "method_helped": helped, "note": note}
+            selection = {**selection, "chosen_knobs": chosen, "method_helped": helped, "note": note}
         return {
             "method": self._name,
             "trainer": type(self).__name__,
@@ -624,10 +629,10 @@ class RobustTrainer(Trainer):
             runs = {stage: splits for stage, splits in self.stage_results.items()}
             runs[self._name] = self.eval_results
             plot_group_accuracies(runs, output_dir / "plots" / "group_accuracy.png", title=self.dataset_name)
-            if self.selection is not None:
+            if self.selection_record() is not None:
                 from ..plots import plot_selection
 
-                plot_selection(self.selection, output_dir / "plots" / "selection.png",
+                plot_selection(self.selection_record(), output_dir / "plots" / "selection.png",
                                title=f"{self._name}: label-free selection (candidate 0 = the unchanged model)")
             plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
         results = self.results()

@@ -25,11 +25,17 @@ class MaskTuneConfig(RobustConfig):
             Per image, pixels whose normalised xGradCAM value exceeds `mean + k * std` of the image's positive
             values are masked (k = this value; the paper found k = 2 best among 0..3). Default: chosen by the
             selection stage from `selection_thresholds`; 2 when the selection is off.
-        masktune_iterations (`int`, *optional*, defaults to `1`):
-            Rounds of masking + one-epoch fine-tuning (paper appendix, Table 5).
-        accumulative_masking (`bool`, *optional*, defaults to `False`):
+        masktune_iterations (`int` or `None`, *optional*):
+            Rounds of masking + one-epoch fine-tuning (paper appendix, Table 5). Default: with
+            `masktune_selection="auto"`, chosen on validation (labels only) up to `selection_max_iterations`:
+            round i + 1 runs only if round i improved on round i - 1's worst-class accuracy (ties: accuracy),
+            and the run keeps the last round that improved (the paper proposes to stop the accumulative rounds by
+            monitoring an accuracy; the masks of round 1 can miss part of a shortcut, which round 2 then masks);
+            1 when the selection is off (the paper's MaskTune).
+        accumulative_masking (`bool`, *optional*, defaults to `True`):
             With several iterations, keep earlier masks and add the new ones (CAMs of later rounds are then
-            computed on the already-masked images).
+            computed on the already-masked images). The paper's Table 5: accumulative rounds remove two shortcuts,
+            non-accumulative ones do not. (The authors' code defaults to non-accumulative; no effect with 1 round.)
         min_masked_tokens (`int`, *optional*, defaults to `1`):
             Text only: mask at least this many of the highest-attribution tokens of an example (if positive).
 
@@ -54,14 +60,17 @@ class MaskTuneConfig(RobustConfig):
             are chosen from the grids below by worst-CLASS accuracy on the `health_split` eval split (labels
             only, never groups; ties by accuracy) among one-epoch fine-tunings of the same ERM model, and the ERM
             model itself is a candidate: when it wins, the run keeps it and says that MaskTune did not help on
-            validation. Setting all three knobs skips the selection. `"off"`: no selection (the paper's defaults
-            for unset knobs: ERM's final learning rate, the ERM batch size, k = 2).
+            validation. Setting all three knobs skips the selection (`masktune_iterations` unset is still chosen
+            after it, round by round). `"off"`: no selection (the paper's defaults for unset knobs: ERM's final
+            learning rate, the ERM batch size, k = 2, one round).
         selection_learning_rate_factors (`list[float]`, *optional*, defaults to `[0.1, 1.0]`):
             Fine-tuning learning rates tried, as factors of `learning_rate` (ERM's peak learning rate).
         selection_batch_size_divisors (`list[int]`, *optional*, defaults to `[4]`):
             Fine-tuning batch sizes tried, as `per_device_train_batch_size // d` (more updates in the one epoch).
         selection_thresholds (`list[float]`, *optional*, defaults to `[2.0]`):
             Values of k tried (the masks are computed once per value).
+        selection_max_iterations (`int`, *optional*, defaults to `3`):
+            Most masking rounds when `masktune_iterations` is chosen (the paper's Table 5 goes to 3).
 
     Parameters that control selective classification (paper section 2.2):
         selective_coverages (`list[float]`, *optional*, defaults to `[1.0, 0.95, 0.9, 0.85, 0.8]`):
@@ -81,8 +90,11 @@ class MaskTuneConfig(RobustConfig):
     mask_threshold_std: float | None = field(
         default=None, metadata={"help": "k in the per-image threshold mean + k*std (default: selected; 2 without selection)."}
     )
-    masktune_iterations: int = field(default=1, metadata={"help": "Rounds of masking + one-epoch fine-tuning."})
-    accumulative_masking: bool = field(default=False, metadata={"help": "Add each round's masks to earlier ones."})
+    masktune_iterations: int | None = field(
+        default=None, metadata={"help": "Rounds of masking + one-epoch fine-tuning (default: chosen on validation "
+                                        "up to selection_max_iterations; 1 without selection)."}
+    )
+    accumulative_masking: bool = field(default=True, metadata={"help": "Add each round's masks to earlier ones."})
     min_masked_tokens: int = field(default=1, metadata={"help": "Text: mask at least this many top tokens."})
     finetune_learning_rate: float | None = field(
         default=None, metadata={"help": "LR of the masked fine-tuning (default: ERM's final LR)."}
@@ -105,6 +117,9 @@ class MaskTuneConfig(RobustConfig):
     selection_thresholds: list[float] = field(
         default_factory=lambda: [2.0], metadata={"help": "Mask thresholds k tried."}
     )
+    selection_max_iterations: int = field(
+        default=3, metadata={"help": "Most masking rounds when masktune_iterations is chosen on validation."}
+    )
     selective_coverages: list[float] = field(
         default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8], metadata={"help": "Target coverages."}
     )
@@ -121,8 +136,10 @@ class MaskTuneConfig(RobustConfig):
                                              and self.random_mask_max_side < self.random_mask_min_side):
             raise ValueError(f"random_mask_min_side={self.random_mask_min_side}, random_mask_max_side="
                              f"{self.random_mask_max_side}: expected 1 <= min <= max.")
-        if self.masktune_iterations < 1:
+        if self.masktune_iterations is not None and self.masktune_iterations < 1:
             raise ValueError(f"masktune_iterations={self.masktune_iterations}: expected 1 or more.")
+        if self.selection_max_iterations < 1:
+            raise ValueError(f"selection_max_iterations={self.selection_max_iterations}: expected 1 or more.")
         if self.finetune_batch_size is not None and self.finetune_batch_size < 1:
             raise ValueError(f"finetune_batch_size={self.finetune_batch_size}: expected a positive batch size.")
         if self.masktune_selection not in ("auto", "off"):

@@ -1,7 +1,10 @@
 """MaskTune (Taghanaki et al., NeurIPS 2022): mask what the ERM model looks at, then fine-tune for one epoch.
 
-Stages: `erm` (or `erm_checkpoint`) -> `masks_1` -> `finetune_1` [-> `masks_2` -> `finetune_2` ...] ->
+Stages: `erm` (or `erm_checkpoint`) [-> `select`] -> `masks_1` -> `finetune_1` [-> `masks_2` -> `finetune_2` ...] ->
 `selective`.
+- select (the default, labels only): the fine-tuning's learning rate, batch size and k chosen among one-epoch
+  fine-tunings of the ERM model and the ERM model itself; then the number of rounds, round by round (a round
+  runs only if the previous one improved on validation; later rounds that were not run are skipped stages).
 - masks: for every training example, XGrad-CAM at the adapter's CAM layer for the PREDICTED class, model in
   eval mode, min-max normalised per image, upsampled bilinearly to the input size; pixels above
   `mean + k * std` of the image's positive values are masked. Computed in batches on the device and gathered
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +36,7 @@ from ..cam import normalize_per_image, threshold_masks, token_attributions, upsa
 from ..data.core import DataValidationError
 from ..masking import MaskStore, random_window_masks
 from ..selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
+from .health import selection_score
 from .base_trainer import RobustTrainer, Stage, frozen_norm_statistics
 from .masktune_config import MaskTuneConfig
 
@@ -129,6 +134,9 @@ class MaskTuneTrainer(RobustTrainer):
                 image_masks(self.adapter.model, self.adapter, batch["pixel_values"].to(self.args.device),
                             self.mask_threshold)
         self._mask_iteration = 1
+        # the rounds chosen on validation: one record per round run, and the round the run stopped after
+        self.iteration_records: list[dict] = []
+        self.stopped_after: int | None = None
         self.selective_results: dict = {}
         self._erm_model = None
 
@@ -140,11 +148,22 @@ class MaskTuneTrainer(RobustTrainer):
         stages = [self.erm_baseline_stage()]
         if self.selection_grid() is not None:
             stages.append(Stage("select", self._run_select, self._load_select))
-        for i in range(1, self.args.masktune_iterations + 1):
+        for i in range(1, self.max_iterations + 1):
             stages.append(Stage(f"masks_{i}", partial(self._run_masks, i), self._load_masks))
             stages.append(Stage(f"finetune_{i}", partial(self._run_finetune, i), self._load_finetune))
         stages.append(Stage("selective", self._run_selective, self._load_selective))
         return stages
+
+    @property
+    def chooses_iterations(self) -> bool:
+        """Whether the number of rounds is chosen on validation (unset, with the selection on)."""
+        return self.args.masktune_iterations is None and self.args.masktune_selection == "auto"
+
+    @property
+    def max_iterations(self) -> int:
+        if self.args.masktune_iterations is not None:
+            return self.args.masktune_iterations
+        return self.args.selection_max_iterations if self.chooses_iterations else 1
 
     def _run_erm_baseline(self, stage_dir: Path, resume: bool) -> None:
         super()._run_erm_baseline(stage_dir, resume)
@@ -248,6 +267,9 @@ class MaskTuneTrainer(RobustTrainer):
             self.masks = None
             self.save_stage_json(stage_dir, "masks", {"kept_erm": True})
             return
+        if self.stopped_after is not None:  # an earlier round did not improve on validation: no more rounds
+            self.save_stage_json(stage_dir, "masks", {"stopped_after": self.stopped_after})
+            return
         if iteration == 1 and self.selection is not None:  # computed by the selection for the chosen k
             name = f"masks_k{self.mask_threshold:g}"
             store = MaskStore.from_state_dict(self.load_stage_tensors(self.stage_dir("select"), name))
@@ -261,6 +283,8 @@ class MaskTuneTrainer(RobustTrainer):
                   f"masks_{iteration}/unmasked_examples": float((fraction == 0).float().mean())})
 
     def _load_masks(self, stage_dir: Path) -> None:
+        if self.stopped_after is not None:  # a skipped round: the kept round's masks stay
+            return
         if (stage_dir / "masks.safetensors").is_file():
             self.masks = MaskStore.from_state_dict(self.load_stage_tensors(stage_dir, "masks"))
         else:
@@ -285,6 +309,10 @@ class MaskTuneTrainer(RobustTrainer):
         return store.token_transform(self.processing_class.mask_token_id)
 
     def _run_finetune(self, iteration: int, stage_dir: Path, resume: bool) -> None:
+        if self.stopped_after is not None:  # a skipped round (the kept round's model is in place)
+            self.save_stage_json(stage_dir, "iteration", {"iteration": iteration, "stopped_after": self.stopped_after})
+            return
+        start = time.perf_counter()
         if self.masktune_kept_erm:
             self.load_model_state(self.stage_dir("erm"))
         elif iteration == 1 and self.selection is not None:  # the chosen candidate, already fine-tuned
@@ -292,12 +320,86 @@ class MaskTuneTrainer(RobustTrainer):
         else:
             self._finetune(stage_dir, resume, self.finetune_learning_rate, self.finetune_batch_size)
         self.save_model_state(stage_dir)
-        if iteration < self.args.masktune_iterations:  # each earlier iteration's model is reported too
+        record = None
+        if self.chooses_iterations and not self.masktune_kept_erm:
+            if iteration == 1 and self.selection is not None:  # scored by the selection
+                summary = self.selection["candidates"][self.selection["chosen"]]["validation"]
+            else:
+                summary = self._round_summary()
+            record = {"iteration": iteration, "validation": summary, "seconds": round(time.perf_counter() - start, 3)}
+        # each round's model is reported (as "MaskTune <i>") but the final one's (the run's own result)
+        if iteration < self.max_iterations or (record is not None and not self._improves(record)):
             self.evaluate_stage(f"MaskTune {iteration}", stage_dir)
+        if record is not None:
+            self.save_stage_json(stage_dir, "iteration", record)
+            self._add_iteration(record)
+
+    def _round_summary(self) -> dict | None:
+        """A round's validation record (labels only): what decides whether another round runs."""
+        return self.validation_summary()
+
+    def _improves(self, record: dict) -> bool:
+        """Whether a round beats the previous one on validation (the selection's rule); the first round does."""
+        if not self.iteration_records:
+            return True
+        return selection_score(record["validation"]) > selection_score(self.iteration_records[-1]["validation"])
+
+    def _add_iteration(self, record: dict) -> None:
+        """Keep a round's validation record; a round that does not improve on the previous one (worst-class
+        accuracy, ties by accuracy: the selection's rule) ends the rounds, and the previous round's model and masks
+        are restored."""
+        improves = self._improves(record)
+        self.iteration_records.append(record)
+        if improves:
+            return
+        previous = self.iteration_records[-2]
+        kept = previous["iteration"]
+        self.stopped_after = kept
+        self.load_model_state(self.stage_dir(f"finetune_{kept}"))
+        self.masks = MaskStore.from_state_dict(self.load_stage_tensors(self.stage_dir(f"masks_{kept}"), "masks"))
+        if self.is_world_process_zero():
+            logger.info("MaskTune round %d did not improve on round %d on validation (worst-class accuracy %.4f vs "
+                        "%.4f): the run keeps round %d.", record["iteration"], kept,
+                        record["validation"]["worst_class_accuracy"], previous["validation"]["worst_class_accuracy"],
+                        kept)
 
     def _load_finetune(self, stage_dir: Path) -> None:
+        info = stage_dir / "iteration.json"
+        record = self.load_stage_json(stage_dir, "iteration") if info.is_file() else None
+        if record is not None and "stopped_after" in record:  # a skipped round
+            self.stopped_after = record["stopped_after"]
+            return
         self.load_model_state(stage_dir)
         self.load_stage_results(stage_dir)
+        if record is not None:
+            self._add_iteration(record)
+
+    def selection_record(self) -> dict | None:
+        """The selection's record with the rounds chosen after it: each round after the first as a candidate
+        (the chosen candidate's knobs and `iterations`), the kept round chosen. Without a `select` stage (its knobs
+        set), the rounds alone."""
+        if not self.iteration_records:
+            return self.selection
+        kept = self.stopped_after or self.iteration_records[-1]["iteration"]
+        if self.selection is not None:
+            base, first = list(self.selection["candidates"]), self.selection["chosen"]
+            base[first] = {**base[first], "knobs": {**base[first]["knobs"], "iterations": 1}}
+            knobs = base[first]["knobs"]
+            later = self.iteration_records[1:]
+        else:
+            base, first = [], 0
+            knobs = {"finetune": True, "finetune_learning_rate": self.finetune_learning_rate,
+                     "finetune_batch_size": self.finetune_batch_size, "mask_threshold_std": self.mask_threshold}
+            later = self.iteration_records
+        rounds = [{"knobs": {**knobs, "iterations": r["iteration"]}, "validation": r["validation"],
+                   "seconds": r["seconds"]} for r in later]
+        if self.selection is None:
+            chosen = kept - 1
+        else:
+            chosen = first if kept == 1 else len(base) + kept - 2
+        record = {"metric": "worst_class_accuracy (ties: accuracy)", "split": self.args.health_split,
+                  **(self.selection or {}), "candidates": base + rounds, "chosen": chosen}
+        return record
 
     def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int) -> None:
         """One epoch on the masked training set (`self.masks`) at a constant learning rate."""
@@ -370,8 +472,13 @@ class MaskTuneTrainer(RobustTrainer):
 
     # ------------------------------------------------------------------ report
     def selection_outcome(self, knobs: dict) -> tuple[bool, str]:
-        if knobs["finetune"]:
-            return True, "a MaskTune fine-tuning was chosen on validation"
+        if knobs.get("finetune", True):
+            rounds = knobs.get("iterations")
+            if rounds is None:
+                return True, "a MaskTune fine-tuning was chosen on validation"
+            tried = len(self.iteration_records)
+            return True, (f"a MaskTune fine-tuning was chosen on validation, with {rounds} accumulative round(s) "
+                          f"({tried} tried: a round runs while the previous one improved)")
         return False, "MaskTune did not help on validation (worst-class accuracy): the ERM model was kept"
 
     def results(self) -> dict:
