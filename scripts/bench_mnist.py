@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                 derived = summarise(runs, seeds, stage=stage)
                 derived["seconds"] = None
                 derived["command"] = f"the {stage!r} stage of the {source} row's runs (the same model, trained once)"
+                if name == "fairdropout" and "selection" in entry:  # FairDropout's knobs, chosen in those runs
+                    derived["selection"] = entry["selection"]
                 entries[name] = derived
         results = json.loads(path.read_text()) if path.exists() else {}
         table = results.setdefault("reproductions", {}).setdefault("biased_mnist", {})
