@@ -183,10 +183,12 @@ def plot_selection(selection: dict, path: str | Path, title: str | None = None) 
     the chosen one marked."""
     plt = _pyplot()
     records = selection["candidates"]
+    short = {"finetune_learning_rate": "lr", "finetune_batch_size": "batch", "mask_threshold_std": "k",
+             "iterations": "rounds", "distill_weight": "beta"}
     labels = []
     for record in records:
         knobs = record["knobs"]
-        labels.append("\n".join(f"{k.replace('finetune_', '')}={v:g}" if isinstance(v, float) else f"{k.replace('finetune_', '')}={v}"
+        labels.append("\n".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
                                 for k, v in knobs.items() if k != "finetune") or "unchanged\n(no fine-tuning)")
     x = np.arange(len(records))
     worst = [100 * r["validation"]["worst_class_accuracy"] for r in records]
