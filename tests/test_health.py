@@ -197,10 +197,13 @@ def test_selection_never_reads_group_labels(selection_run, small_digits, tmp_pat
 
 
 def test_the_erm_model_wins_when_fine_tuning_hurts(tmp_path, small_digits, caplog):
-    trainer = mt_selecting(tmp_path, small_digits, selection_learning_rate_factors=[5e4])
+    trainer = mt_selecting(tmp_path, small_digits, selection_learning_rate_factors=[5e4], masktune_iterations=None)
     with caplog.at_level(logging.WARNING, logger="hf_robust"):
         trainer.train()
     assert trainer.selection["chosen"] == 0 and trainer.masktune_kept_erm
+    # no round runs after the kept ERM model (rounds are chosen: up to 3), none is reported as a MaskTune model
+    assert trainer.finished_stages[-3:] == ["masks_3", "finetune_3", "selective"]
+    assert not trainer.iteration_records and not [s for s in trainer.stage_results if s.startswith("MaskTune")]
     assert any("MaskTune did not help on validation" in r.getMessage() for r in caplog.records)
     results = trainer.results()
     assert results["selection"]["method_helped"] is False and "ERM model was kept" in results["selection"]["note"]

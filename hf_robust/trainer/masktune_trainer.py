@@ -312,16 +312,21 @@ class MaskTuneTrainer(RobustTrainer):
         if self.stopped_after is not None:  # a skipped round (the kept round's model is in place)
             self.save_stage_json(stage_dir, "iteration", {"iteration": iteration, "stopped_after": self.stopped_after})
             return
+        if self.masktune_kept_erm:  # the selection kept the ERM model: no round to report or to repeat
+            if iteration == 1:
+                self.load_model_state(self.stage_dir("erm"))
+                self.save_model_state(stage_dir)
+            else:
+                self.save_stage_json(stage_dir, "iteration", {"iteration": iteration, "kept_erm": True})
+            return
         start = time.perf_counter()
-        if self.masktune_kept_erm:
-            self.load_model_state(self.stage_dir("erm"))
-        elif iteration == 1 and self.selection is not None:  # the chosen candidate, already fine-tuned
+        if iteration == 1 and self.selection is not None:  # the chosen candidate, already fine-tuned
             self.load_model_state(self.candidate_folder(self.stage_dir("select"), self.selection["chosen"]))
         else:
             self._finetune(stage_dir, resume, self.finetune_learning_rate, self.finetune_batch_size)
         self.save_model_state(stage_dir)
         record = None
-        if self.chooses_iterations and not self.masktune_kept_erm:
+        if self.chooses_iterations:
             if iteration == 1 and self.selection is not None:  # scored by the selection
                 summary = self.selection["candidates"][self.selection["chosen"]]["validation"]
             else:
@@ -368,6 +373,8 @@ class MaskTuneTrainer(RobustTrainer):
         record = self.load_stage_json(stage_dir, "iteration") if info.is_file() else None
         if record is not None and "stopped_after" in record:  # a skipped round
             self.stopped_after = record["stopped_after"]
+            return
+        if record is not None and record.get("kept_erm"):  # no round after the kept ERM model
             return
         self.load_model_state(stage_dir)
         self.load_stage_results(stage_dir)
