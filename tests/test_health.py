@@ -283,16 +283,22 @@ def test_candidates_resume_one_by_one(tmp_path, small_digits):
     assert [c["knobs"] for c in selection["candidates"]] == grid
 
 
+def fd_selecting(out, data, trainer_class, config_class):
+    """A FairDropout(-DFR) run whose selection tries ERM and one (p_gen, p_mem) pair at dp4, trained."""
+    model, processor = make_model("hf_resnet", seed=0)
+    config = quick_config(config_class, out, fair_dropout_positions=["dp4"], selection_p_gen=[0.5],
+                          selection_p_mem=[0.1], export_model=False)
+    trainer = trainer_class(model, config, train_dataset=data["train"], processing_class=processor,
+                            eval_dataset={"validation": data["validation"]})
+    trainer.train()
+    return trainer
+
+
 def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_digits):
     from hf_robust.fair_dropout import fair_dropout_modules
     from hf_robust.trainer import FairDropoutTrainer, FairDropoutTrainingConfig
 
-    model, processor = make_model("hf_resnet", seed=0)
-    config = quick_config(FairDropoutTrainingConfig, tmp_path / "fd", fair_dropout_positions=["dp4"],
-                          selection_p_gen=[0.5], selection_p_mem=[0.1], export_model=False)
-    trainer = FairDropoutTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
-                                 eval_dataset={"validation": small_digits["validation"]})
-    trainer.train()
+    trainer = fd_selecting(tmp_path / "fd", small_digits, FairDropoutTrainer, FairDropoutTrainingConfig)
     assert trainer.finished_stages == ["select_fair_dropout", "fairdropout"]
     knobs = [c["knobs"] for c in trainer.selection["candidates"]]
     assert knobs == [{"positions": ["dp4"], "p_gen": 1.0, "p_mem": 1.0},
@@ -317,12 +323,7 @@ def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(tmp_path, s
     from hf_robust.fair_dropout import fair_dropout_modules
     from hf_robust.trainer import FairDropoutDFRConfig, FairDropoutDFRTrainer
 
-    model, processor = make_model("hf_resnet", seed=0)
-    config = quick_config(FairDropoutDFRConfig, tmp_path / "fd_dfr", fair_dropout_positions=["dp4"],
-                          selection_p_gen=[0.5], selection_p_mem=[0.1], export_model=False)
-    trainer = FairDropoutDFRTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
-                                    eval_dataset={"validation": small_digits["validation"]})
-    trainer.train()
+    trainer = fd_selecting(tmp_path / "fd_dfr", small_digits, FairDropoutDFRTrainer, FairDropoutDFRConfig)
     assert trainer.finished_stages == ["select_fair_dropout", "fairdropout", "heldout", "scores", "select",
                                        "last_layer"]
     chosen = trainer.selection["candidates"][trainer.selection["chosen"]]
@@ -332,7 +333,7 @@ def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(tmp_path, s
     assert trainer.health["reference"] == "FairDropout"
     assert trainer.health["erm"] == chosen["validation"]
     assert "FairDropout" in trainer.stage_results
-    assert trainer.finetune_sets.shape[0] == config.dfr_num_subsets
+    assert trainer.finetune_sets.shape[0] == trainer.args.dfr_num_subsets
 
 
 def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_path, small_digits):
