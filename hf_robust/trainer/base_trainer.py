@@ -629,10 +629,11 @@ class RobustTrainer(Trainer):
             runs = {stage: splits for stage, splits in self.stage_results.items()}
             runs[self._name] = self.eval_results
             plot_group_accuracies(runs, output_dir / "plots" / "group_accuracy.png", title=self.dataset_name)
-            if self.selection_record() is not None:
+            selection = self.selection_record()
+            if selection is not None:
                 from ..plots import plot_selection
 
-                plot_selection(self.selection_record(), output_dir / "plots" / "selection.png",
+                plot_selection(selection, output_dir / "plots" / "selection.png",
                                title=f"{self._name}: label-free selection (candidate 0 = the unchanged model)")
             plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
         results = self.results()
