@@ -84,7 +84,7 @@ def _step_ratio(model, processor, batch_size: int, repeats: int, teacher_dtype: 
     import torch
 
     from hf_robust.data import load_benchmark
-    from hf_robust.trainer import CounterfactualDistillConfig, CounterfactualDistillTrainer
+    from hf_robust.methods import CounterfactualDistillConfig, CounterfactualDistillTrainer
 
     data = load_benchmark("biased_digits")
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +145,7 @@ def real_size_step_ratio(repeats: int = 5, batch_size: int = 32, teacher_dtype: 
     import transformers
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-    from hf_robust.clip import CLIPZeroShotClassifier, CLIPZeroShotConfig
+    from hf_robust.models.clip import CLIPZeroShotClassifier, CLIPZeroShotConfig
 
     transformers.logging.set_verbosity_error()
     transformers.set_seed(0)

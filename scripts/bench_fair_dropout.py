@@ -1,6 +1,6 @@
 """FairDropout's benchmark (the "fairdropout" entry of scripts/benchmark.py): quality on biased_digits and speed.
 
-Quality, with the main job's defaults for biased_digits (scripts/train.py DATASET_DEFAULTS; dataset seed 0):
+Quality, with the main job's defaults for biased_digits (hf_robust.recipes.DATASET_RECIPES; dataset seed 0):
 1. selection on the FIRST training seed, by worst-CLASS accuracy on `validation` (no group labels, never the
    test splits): the positions dp2..dp5 at the default p_gen = p_mem = 0.2, then, at the best position, the
    paper's grid p_gen in {0.2, 0.4, 0.5} x p_mem = 0.1 (appendix, Table 4), then the evaluation-time rescaling
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench_common import interleaved
+from hf_robust.recipes import DATASET_RECIPES
 
 POSITIONS = ["dp2", "dp3", "dp4", "dp5"]
 DEFAULT_P = (0.2, 0.2)
@@ -118,7 +119,7 @@ def quality(train, seeds: list[int], work_dir: str | None = None, log=print) -> 
     gain = summary["fairdropout"]["test_biased"]["mean"] - summary["erm"]["test_biased"]["mean"]
     return {
         "seeds": seeds,
-        "settings": {"dataset": "biased_digits (dataset seed 0)", **train.DATASET_DEFAULTS["biased_digits"]},
+        "settings": {"dataset": "biased_digits (dataset seed 0)", **DATASET_RECIPES["biased_digits"]},
         # the layout of the other methods' entries: FairDropout's per split mean over seeds
         "mean": {split: {key: _mean(fairdropout, split, key) for key in ("worst_group_accuracy", "accuracy")}
                  for split in SPLITS},
@@ -169,10 +170,10 @@ def timing(repeats: int = 30, position: str = "dp4") -> dict:
     import transformers
 
     from hf_robust.data import load_benchmark
-    from hf_robust.fair_dropout import FairDropoutConfig, export_fair_dropout, inject_fair_dropout
-    from hf_robust.layers import fair_dropout_mask
+    from hf_robust.methods.fair_dropout.inject import FairDropoutConfig, export_fair_dropout, inject_fair_dropout
+    from hf_robust.methods.fair_dropout import fair_dropout_mask
     from hf_robust.models import load_model
-    from hf_robust.preprocessing import GroupDataCollator, ImagePreprocessing
+    from hf_robust.data.preprocessing import GroupDataCollator, ImagePreprocessing
 
     transformers.logging.set_verbosity_error()
     data = load_benchmark("biased_digits")
@@ -204,7 +205,7 @@ def timing(repeats: int = 30, position: str = "dp4") -> dict:
         def grab(module, args, output):
             features["shape"] = tuple(output.shape)
 
-        from hf_robust.adapters import get_adapter
+        from hf_robust.models.adapter import get_adapter
 
         hook = get_adapter(fd).fair_dropout_position(position).module.register_forward_hook(grab)
         fd.eval()(pixel_values=batch["pixel_values"][:2])

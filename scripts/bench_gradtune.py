@@ -118,12 +118,13 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
 
     from hf_robust.data import load_benchmark
     from hf_robust.models import load_model
-    from hf_robust.trainer import GradTuneConfig, GradTuneTrainer
-    from hf_robust.trainer.last_layer import select_by_gradient_norm, train_linear_head
+    from hf_robust.recipes import COMMON_DEFAULTS, DATASET_RECIPES
+    from hf_robust.methods import GradTuneConfig, GradTuneTrainer
+    from hf_robust.methods.last_layer.mixin import select_by_gradient_norm, train_linear_head
 
     transformers.logging.set_verbosity_error()
     train = train_script()
-    defaults = {**train.COMMON_DEFAULTS, **train.DATASET_DEFAULTS["biased_digits"]}
+    defaults = {**COMMON_DEFAULTS, **DATASET_RECIPES["biased_digits"]}
     data = load_benchmark("biased_digits")
     model, processor = load_model(defaults["model"], 2, data["train"].features["label"].names)
     with tempfile.TemporaryDirectory() as tmp:

@@ -78,10 +78,10 @@ def timing(seed: int = 0) -> dict:
     import torch
     import transformers
 
-    from hf_robust.adapters import get_adapter
+    from hf_robust.models.adapter import get_adapter
     from hf_robust.data import load_benchmark
     from hf_robust.models import load_model
-    from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer
+    from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
 
     transformers.logging.set_verbosity_error()
     data = load_benchmark("biased_digits")

@@ -2,7 +2,7 @@
 
 The suite: `biased_digits` (a small patch: a 4-pixel square), `scene_digits` (a large background scene) and
 `tinted_digits` (a colour over the whole image), all built from scikit-learn's bundled digits and photos, each
-with the same recipe (scripts/train.py's DIGITS_RECIPE; no per-benchmark tuning of any knob). Per benchmark and
+with the same recipe (hf_robust.recipes.DIGITS_RECIPE; no per-benchmark tuning of any knob). Per benchmark and
 training seed, the main job runs each method with its defaults; GradTune and DFR start from the ERM run's model
 (`--erm_checkpoint`: the same ERM, as their own ERM stage would train it) and FairDropout-DFR from the FairDropout
 run's. Recorded per run: the test worst-group accuracy (`test`, all four groups, where the benchmark has it;

@@ -76,7 +76,7 @@ def erm_timing() -> dict:
 
     from hf_robust.data import load_benchmark
     from hf_robust.models import load_model
-    from hf_robust.trainer import RobustConfig, RobustTrainer
+    from hf_robust.methods import RobustConfig, RobustTrainer
 
     transformers.logging.set_verbosity_error()
     data = load_benchmark("biased_digits")

@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from hf_robust import load_benchmark
-from hf_robust.adapters import get_adapter
+from hf_robust.models.adapter import get_adapter
 from hf_robust.models import load_model
 
 run, data_path = Path(sys.argv[1]), sys.argv[2]

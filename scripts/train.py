@@ -41,86 +41,12 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import importlib
 import os
 import sys
 from dataclasses import dataclass, field
 
-# method name -> (config class, trainer class); each method registers here as it lands
-METHODS = {
-    "erm": ("hf_robust.trainer.base_config:RobustConfig", "hf_robust.trainer.base_trainer:RobustTrainer"),
-    "masktune": ("hf_robust.trainer.masktune_config:MaskTuneConfig", "hf_robust.trainer.masktune_trainer:MaskTuneTrainer"),
-    "gradtune": ("hf_robust.trainer.gradtune_config:GradTuneConfig", "hf_robust.trainer.gradtune_trainer:GradTuneTrainer"),
-    "dfr": ("hf_robust.trainer.dfr_config:DFRConfig", "hf_robust.trainer.dfr_trainer:DFRTrainer"),
-    "fairdropout": ("hf_robust.trainer.fairdropout_config:FairDropoutTrainingConfig", "hf_robust.trainer.fairdropout_trainer:FairDropoutTrainer"),
-    "fairdropout_dfr": ("hf_robust.trainer.fairdropout_config:FairDropoutDFRConfig", "hf_robust.trainer.fairdropout_trainer:FairDropoutDFRTrainer"),
-    "counterfactual": ("hf_robust.trainer.counterfactual_config:CounterfactualDistillConfig", "hf_robust.trainer.counterfactual_trainer:CounterfactualDistillTrainer"),
-}
-DEFAULT_METHOD = "masktune"  # the no-argument main job: ERM, then MaskTune, on biased_digits
-
-# defaults per dataset (flags and config files override them)
-# one recipe for the embedded digits benchmarks, whatever their shortcut (no per-benchmark tuning)
-DIGITS_RECIPE = dict(
-    model="digits-resnet18", num_train_epochs=5, per_device_train_batch_size=128, per_device_eval_batch_size=256,
-    learning_rate=1e-3, weight_decay=1e-4, lr_scheduler_type="cosine", logging_steps=20,
-)
-DIGITS_BENCHMARKS = ("biased_digits", "scene_digits", "tinted_digits")
-DATASET_DEFAULTS = {
-    "biased_digits": dict(DIGITS_RECIPE, eval_splits="validation,test_biased,test_original"),
-    "scene_digits": dict(DIGITS_RECIPE, eval_splits="validation,test,test_biased"),
-    "tinted_digits": dict(DIGITS_RECIPE, eval_splits="validation,test,test_biased"),
-    # MaskTune's biased MNIST on the real digits, the CPU default: the paper's optimizer, batch and learning rate
-    # (SGD 0.01, momentum 0.9, wd 1e-4, batch 128) with 3 ERM epochs instead of 100, at a constant learning rate (the
-    # authors' code never steps its scheduler: their ERM trains at 0.01 throughout, and MaskTune fine-tunes at that
-    # final 0.01). After 3 epochs ERM fails as the paper's (seed 0: 19.9% on test_biased, paper 18.59); the whole
-    # MaskTune run took 433 s of CPU time on one thread (README, "MaskTune on real MNIST").
-    # The paper's recipe (100 epochs, lr halved every 25): scripts/recipes/biased_mnist_paper.yaml.
-    "biased_mnist": dict(
-        model="mnist-cnn", eval_splits="validation,test_biased,test_original", num_train_epochs=3,
-        per_device_train_batch_size=128, per_device_eval_batch_size=512, learning_rate=0.01, optim="sgd",
-        optim_args="momentum=0.9", weight_decay=1e-4, lr_scheduler_type="constant", logging_steps=50,
-    ),
-    "spurious_text": dict(
-        model="minilm", eval_splits="validation,test", num_train_epochs=3, per_device_train_batch_size=32,
-        per_device_eval_batch_size=128, learning_rate=5e-5, weight_decay=1e-2, logging_steps=20, max_length=64,
-    ),
-    "waterbirds": dict(
-        model="microsoft/resnet-50", num_train_epochs=30, per_device_train_batch_size=64, learning_rate=1e-3,
-        optim="sgd", optim_args="momentum=0.9", weight_decay=1e-4, train_augmentation="crop_flip",
-    ),
-    "celeba": dict(
-        model="microsoft/resnet-50", num_train_epochs=10, per_device_train_batch_size=128, learning_rate=1e-4,
-        optim="sgd", optim_args="momentum=0.9", weight_decay=1e-4, train_augmentation="crop_flip",
-    ),
-    "multinli": dict(
-        model="bert-base-uncased", num_train_epochs=3, per_device_train_batch_size=32, learning_rate=2e-5,
-        weight_decay=0.0, max_length=128,
-    ),
-    "civilcomments": dict(
-        model="bert-base-uncased", num_train_epochs=5, per_device_train_batch_size=16, learning_rate=1e-5,
-        weight_decay=1e-2, max_length=300,
-    ),
-    "cifar10": dict(model="microsoft/resnet-18", num_train_epochs=30, per_device_train_batch_size=128,
-                    learning_rate=1e-3, train_augmentation="crop_flip"),
-    "svhn": dict(model="microsoft/resnet-18", num_train_epochs=20, per_device_train_batch_size=128, learning_rate=1e-3),
-}
-COMMON_DEFAULTS = dict(save_strategy="epoch", save_total_limit=1, eval_strategy="no", report_to="none")
-# a method's own defaults, over the dataset's (key: method, or (method, dataset) for one dataset)
-METHOD_DEFAULTS = {
-    "counterfactual": dict(model="openai/clip-vit-base-patch32", optim="adamw_torch", optim_args=None,
-                           learning_rate=3e-5, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=0.02,
-                           train_augmentation="none", compare_vanilla=True),
-    # the embedded digits benchmarks: the digits CLIP pre-trained here; the schedule with the best validation
-    # accuracy of the method (lr in 3e-5..1e-3, 3 epochs), shared by the vanilla fine-tuning it is compared with.
-    # MaskTune's CAMs need an 8x8 map to single out the 4-pixel square (the 32x32 model's 4x4 map does not); its
-    # fine-tuning knobs (learning rate, batch size, k) are chosen inside the run on validation (labels only)
-    **{("masktune", name): dict(model="digits-resnet18-64") for name in DIGITS_BENCHMARKS},
-    **{("counterfactual", name): dict(model="digits-clip", learning_rate=1e-3, num_train_epochs=3)
-       for name in DIGITS_BENCHMARKS},
-    # the paper's biased-MNIST protocol, reproduced as published (README, "MaskTune on real MNIST"): the fine-tuning
-    # epoch at ERM's final learning rate and batch size, k = 2, no label-free selection
-    ("masktune", "biased_mnist"): dict(masktune_selection="off"),
-}
+from hf_robust.methods.registry import DEFAULT_METHOD, METHODS  # the one list of methods
+from hf_robust.recipes import recipe  # defaults per dataset and method (flags and config files override them)
 
 
 @dataclass
@@ -161,11 +87,6 @@ class ScriptArguments:
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file with any of these flags."})
 
 
-def _load(path: str):
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         sys.exit(f"error: --config {path}: no such file.")
@@ -199,10 +120,9 @@ def parse_args(argv: list[str] | None = None):
 
     from transformers import HfArgumentParser
 
-    config_class = _load(METHODS[method][0])
+    config_class = METHODS[method].config_class()
     parser = HfArgumentParser((ScriptArguments, config_class), description=__doc__.split("\n\n")[0])
-    defaults = {**COMMON_DEFAULTS, **DATASET_DEFAULTS.get(dataset, {}), **METHOD_DEFAULTS.get(method, {}),
-                **METHOD_DEFAULTS.get((method, dataset), {})}
+    defaults = recipe(method, dataset)
     defaults["output_dir"] = os.path.join("runs", f"{os.path.basename(os.path.normpath(dataset))}-{method}")
     if not _has_accelerator():
         # without use_cpu, TrainingArguments on a machine with no GPU sets every process up alone: N processes of
@@ -271,8 +191,8 @@ def _errors_as_one_line(run):
     @functools.wraps(run)
     def wrapper(*args, **kwargs):
         from hf_robust.data.core import DataValidationError
-        from hf_robust.run_folder import OutputDirError, is_disk_full
-        from hf_robust.trainer.base_trainer import HubPushError, OutputWriteError, RunSetupError
+        from hf_robust.core.run_folder import OutputDirError, is_disk_full
+        from hf_robust.core.trainer import HubPushError, OutputWriteError, RunSetupError
 
         try:
             return run(*args, **kwargs)
@@ -314,11 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_robust.reporting import format_group_table
     from hf_robust.data.benchmarks import BENCHMARKS as BENCHMARK_NAMES
     from hf_robust.models import PRESETS
-    from hf_robust.trainer.base_trainer import HubPushError, RunSetupError
-    from hf_robust.trainer.health import HealthCheckError, format_health, format_selection
+    from hf_robust.core.trainer import HubPushError, RunSetupError
+    from hf_robust.core.health import HealthCheckError, format_health, format_selection
 
     transformers.logging.set_verbosity_warning()
-    trainer_class = _load(METHODS[script_args.method][1])
+    trainer_class = METHODS[script_args.method].trainer_class()
     try:
         if os.path.exists(script_args.dataset) and script_args.dataset not in BENCHMARK_NAMES:
             data = load_benchmark(script_args.dataset, label_column=script_args.label_column,

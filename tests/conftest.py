@@ -88,8 +88,8 @@ def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: in
             pretrained_cfg={"input_size": [3, 32, 32], "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3},
         )
         return TimmWrapperForImageClassification(config), None
-    if family == "mnist_cnn":  # MaskTune's biased-MNIST CNN (hf_robust.mnist_cnn), here at 32x32
-        from hf_robust.mnist_cnn import MnistCnnConfig, MnistCnnForImageClassification, mnist_cnn_processor
+    if family == "mnist_cnn":  # MaskTune's biased-MNIST CNN (hf_robust.models.mnist_cnn), here at 32x32
+        from hf_robust.models.mnist_cnn import MnistCnnConfig, MnistCnnForImageClassification, mnist_cnn_processor
 
         return MnistCnnForImageClassification(MnistCnnConfig(image_size=32, num_labels=num_labels)), mnist_cnn_processor(32)
     raise ValueError(family)
@@ -152,7 +152,7 @@ def shared_erm_checkpoint(erm_dir: str, family: str, data, common: dict) -> None
     from: trained (1 epoch, batch 32, lr 1e-3) and saved by the first, one-process run; the second finds it."""
     if Path(erm_dir).is_dir():
         return
-    from hf_robust.trainer import RobustConfig, RobustTrainer
+    from hf_robust.methods import RobustConfig, RobustTrainer
 
     model, processor = make_model(family, seed=0)
     config = RobustConfig(output_dir=erm_dir + "_run", num_train_epochs=1, per_device_train_batch_size=32,

@@ -5,8 +5,8 @@ classifier for the `biased_digits` labels."""
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from hf_robust.clip import CLIPZeroShotClassifier
-from hf_robust.digits_clip import DIGIT_WORDS, word_tokenizer
+from hf_robust.models.clip import CLIPZeroShotClassifier
+from hf_robust.models.digits_clip import DIGIT_WORDS, word_tokenizer
 
 WORDS = ["a", "photo", "of", "the", "digit", "number", "red", "square", *DIGIT_WORDS]
 CLASS_NAMES = [DIGIT_WORDS[:5], DIGIT_WORDS[5:]]

@@ -5,8 +5,8 @@ import torch
 from conftest import make_model
 from torch import nn
 
-from hf_robust.adapters import UnsupportedModelError, get_adapter
-from hf_robust.trainer.base_trainer import maybe_wrap_timm
+from hf_robust.models.adapter import UnsupportedModelError, get_adapter
+from hf_robust.core.trainer import maybe_wrap_timm
 
 POSITIONS = {
     "hf_bert": ["fc", "pooled"],
@@ -145,7 +145,7 @@ def test_unknown_fair_dropout_position_lists_valid_ones():
 
 def test_timm_resnet_cam_under_activation_checkpointing():
     """timm runs a checkpointed stage block by block: the CAM hook sits on the last block, which still runs."""
-    from hf_robust.trainer.masktune_trainer import image_masks
+    from hf_robust.methods.masktune.trainer import image_masks
 
     model, _ = make_model("timm_wrapper_resnet")
     model.eval()
@@ -156,7 +156,7 @@ def test_timm_resnet_cam_under_activation_checkpointing():
 
 
 def test_wrapping_a_timm_vit_keeps_its_input_size():
-    from hf_robust.preprocessing import ImagePreprocessing
+    from hf_robust.data.preprocessing import ImagePreprocessing
 
     raw, _ = make_model("timm_vit")  # built for 32x32, its pretrained_cfg says 224
     size = tuple(raw.patch_embed.img_size)

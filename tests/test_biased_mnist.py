@@ -7,7 +7,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image
 
 from hf_robust.data import DataValidationError, load_benchmark, validate_group_dataset
-from hf_robust.masking import random_window_masks
+from hf_robust.methods.masktune.masks import random_window_masks
 
 N_TRAIN, N_TEST = 300, 60
 
@@ -150,10 +150,10 @@ def test_biased_mnist_without_a_copy_says_where_to_put_one(tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- the mnist-cnn preset
 def test_mnist_cnn_preset_layout_saves_and_loads(tmp_path):
-    from hf_robust.adapters import get_adapter
-    from hf_robust.cam import xgradcam
+    from hf_robust.models.adapter import get_adapter
+    from hf_robust.explain.cam import xgradcam
     from hf_robust.models import load_model
-    from hf_robust.preprocessing import ImagePreprocessing
+    from hf_robust.data.preprocessing import ImagePreprocessing
 
     torch.manual_seed(0)
     model, processor = load_model("mnist-cnn", 2, ["digit 0-4", "digit 5-9"])
@@ -214,7 +214,7 @@ def test_randmask_trains_on_random_windows_of_every_image(tmp_path, tiny_mnist):
     from conftest import quick_config
 
     from hf_robust.models import load_model
-    from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer
+    from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
 
     data = _tiny_biased(tiny_mnist)
     torch.manual_seed(0)
@@ -239,7 +239,7 @@ def test_randmask_refuses_text_and_windows_larger_than_the_image(tmp_path, tiny_
     from conftest import quick_config
 
     from hf_robust.models import load_model
-    from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer
+    from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
 
     with pytest.raises(ValueError, match="mask_method='bogus'"):
         quick_config(MaskTuneConfig, tmp_path, mask_method="bogus")
@@ -256,7 +256,7 @@ def test_every_method_runs_on_the_mnist_cnn(tmp_path, tiny_mnist, method):
     from conftest import quick_config
 
     from hf_robust.models import load_model
-    from hf_robust.trainer import (
+    from hf_robust.methods import (
         DFRConfig, DFRTrainer, FairDropoutTrainer, FairDropoutTrainingConfig, GradTuneConfig, GradTuneTrainer,
         MaskTuneConfig, MaskTuneTrainer,
     )
@@ -321,7 +321,7 @@ def test_step_schedule_halves_the_learning_rate_every_epoch(tmp_path, tiny_mnist
     from conftest import quick_config
 
     from hf_robust.models import load_model
-    from hf_robust.trainer import RobustConfig, RobustTrainer
+    from hf_robust.methods import RobustConfig, RobustTrainer
 
     data = _tiny_biased(tiny_mnist)
     model, processor = load_model("mnist-cnn", 2, data["train"].features["label"].names)

@@ -17,14 +17,14 @@ from counterfactual_helpers import CLASS_NAMES, tiny_clip, tiny_clip_classifier
 from datasets import DatasetDict
 from torch import nn
 
-from hf_robust.adapters import UnsupportedModelError, get_adapter
-from hf_robust.clip import CLIPZeroShotClassifier, load_clip_zero_shot, zero_shot_weights
-from hf_robust.counterfactual import draw_donors, make_counterfactuals, patch_masks, refill
+from hf_robust.models.adapter import UnsupportedModelError, get_adapter
+from hf_robust.models.clip import CLIPZeroShotClassifier, load_clip_zero_shot, zero_shot_weights
+from hf_robust.methods.counterfactual.counterfactuals import draw_donors, make_counterfactuals, patch_masks, refill
 from hf_robust.data import DataValidationError
-from hf_robust.rollout import gradient_weighted_rollout
-from hf_robust.trainer import CounterfactualDistillConfig, CounterfactualDistillTrainer
-from hf_robust.trainer.counterfactual_trainer import TeacherMismatchError
-from hf_robust.weight_ensembles import interpolate_state_dicts, wise_ft
+from hf_robust.explain.rollout import gradient_weighted_rollout
+from hf_robust.methods import CounterfactualDistillConfig, CounterfactualDistillTrainer
+from hf_robust.methods.counterfactual.trainer import TeacherMismatchError
+from hf_robust.methods.counterfactual.wise_ft import interpolate_state_dicts, wise_ft
 
 
 def config(tmp, **kwargs):
@@ -679,11 +679,11 @@ def test_digits_teacher_pretraining_runs_contrastively_on_unbiased_digits(digits
 
     from transformers import CLIPModel
 
-    from hf_robust.digits_clip import DIGIT_WORDS, pretrain_digits_clip
+    from hf_robust.models.digits_clip import DIGIT_WORDS, pretrain_digits_clip
 
     settings = dict(vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, heads=2, projection_dim=16,
                     train_copies=1, epochs=3, batch_size=256)
-    with caplog.at_level(logging.WARNING, logger="hf_robust.digits_clip"):
+    with caplog.at_level(logging.WARNING, logger="hf_robust.models.digits_clip"):
         model, tokenizer, processor = pretrain_digits_clip(settings, log_every=1)
     losses = [float(r.getMessage().rsplit(" ", 1)[1]) for r in caplog.records if "pre-training step" in r.getMessage()]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses) and np.mean(losses[-3:]) < losses[0] - 0.5
@@ -697,7 +697,7 @@ def test_wise_ft_of_lora_models_interpolates_the_merged_weights():
     from peft import LoraConfig, get_peft_model
 
     from hf_robust import wise_ft
-    from hf_robust.weight_ensembles import interpolate_state_dicts
+    from hf_robust.methods.counterfactual.wise_ft import interpolate_state_dicts
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))

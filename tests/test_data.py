@@ -297,7 +297,7 @@ def test_image_arrays_of_every_common_layout_decode_like_the_pil_image():
 
     import torch
 
-    from hf_robust.preprocessing import ImagePreprocessing
+    from hf_robust.data.preprocessing import ImagePreprocessing
 
     _, processor = make_model("hf_resnet")
     preprocessing = ImagePreprocessing.from_image_processor(processor)

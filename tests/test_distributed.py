@@ -77,7 +77,7 @@ STEP_KEYS = ("batch_mean", "batch_var", "logits", "grads")
 @pytest.mark.distributed
 def test_batchnorm_is_computed_over_the_global_batch(bn_runs):
     """One training-mode forward and backward of a global batch of 32 (2 x 16 under two processes) through the model
-    the trainer holds: with BatchNorm statistics over all 32 (hf_robust.sync_norm, on gloo) every BatchNorm layer's
+    the trainer holds: with BatchNorm statistics over all 32 (hf_robust.core.sync_norm, on gloo) every BatchNorm layer's
     batch mean and variance, the gathered logits and the process-averaged gradients are the one-process ones to
     STEP_TOLERANCE of their scale (the measured spread above, 10x); with per-process statistics (the stock layers)
     each of them is off by more than 10x that (measured: 4.8e-2 batch means, 7.2e-2 variances, 0.15 logits, 0.74

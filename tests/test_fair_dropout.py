@@ -12,8 +12,8 @@ import torch
 from conftest import make_model, quick_config
 from torch import nn
 
-from hf_robust.adapters import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
-from hf_robust.fair_dropout import (
+from hf_robust.models.adapter import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
+from hf_robust.methods.fair_dropout.inject import (
     CONFIG_NAME,
     FairDropoutConfig,
     export_fair_dropout,
@@ -22,15 +22,15 @@ from hf_robust.fair_dropout import (
     load_fair_dropout,
     remove_fair_dropout,
 )
-from hf_robust.layers import FairDropout, eval_scale, fair_dropout_mask
-from hf_robust.layers.fair_dropout import fair_dropout
-from hf_robust.trainer import (
+from hf_robust.methods.fair_dropout import FairDropout, eval_scale, fair_dropout_mask
+from hf_robust.methods.fair_dropout.layer import fair_dropout
+from hf_robust.methods import (
     FairDropoutDFRConfig,
     FairDropoutDFRTrainer,
     FairDropoutTrainer,
     FairDropoutTrainingConfig,
 )
-from hf_robust.trainer.base_trainer import maybe_wrap_timm
+from hf_robust.core.trainer import maybe_wrap_timm
 
 HERE = Path(__file__).parent
 
@@ -327,7 +327,7 @@ def test_saved_config_and_weights_restore_the_model(tmp_path):
     with torch.no_grad():  # a trained-looking projection
         fair_dropout_modules(model).projections["fc"].weight.mul_(3)
     model.save_pretrained(tmp_path)
-    from hf_robust.fair_dropout import save_fair_dropout_config
+    from hf_robust.methods.fair_dropout.inject import save_fair_dropout_config
 
     save_fair_dropout_config(model, tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -363,7 +363,7 @@ def test_activation_checkpointing_recomputes_the_same_masks(family, positions, m
     model.train()
     inputs, idx = inputs_for(family), torch.tensor([3, 1, 4, 1])
     reference = _gradients(model, inputs, idx)
-    from hf_robust.layers import fair_dropout as layer_module
+    from hf_robust.methods.fair_dropout import layer as layer_module
 
     calls = []
     original = layer_module.fair_dropout_mask
@@ -427,7 +427,7 @@ def test_masks_follow_example_idx_and_survive_a_resume(tmp_path, small_digits, m
     """During training every example index gets the mask of the pure function, whatever batch it is in; a run
     interrupted after its first epoch and resumed from its checkpoint lands on the uninterrupted run's weights
     (the masks after the resume are the ones the uninterrupted run used)."""
-    from hf_robust.layers import fair_dropout as layer_module
+    from hf_robust.methods.fair_dropout import layer as layer_module
 
     seen = []
     original = layer_module.fair_dropout_mask
@@ -504,7 +504,7 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
                              config_class=FairDropoutDFRConfig, fair_dropout_positions=["dp5"],
                              erm_checkpoint=str(fairdropout_dir)).train()
     # plain DFR would load its weights without the FairDropout layers (every memorising neuron on): refused
-    from hf_robust.trainer import DFRConfig, DFRTrainer
+    from hf_robust.methods import DFRConfig, DFRTrainer
 
     with pytest.raises(ValueError, match="is a FairDropout model .*Pass its stock export"):
         model, processor = make_model("timm_wrapper_resnet")
@@ -597,7 +597,7 @@ def test_a_projection_position_on_a_peft_model_is_refused():
     """peft saves adapters and modules_to_save only: a trained `fc` projection added after it would be lost."""
     from peft import LoraConfig, get_peft_model
 
-    from hf_robust.adapters import unwrap_model
+    from hf_robust.models.adapter import unwrap_model
 
     model, _ = make_model("hf_bert")
     lora = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=4))

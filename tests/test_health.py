@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_model, quick_config
 
-from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer, RobustConfig, RobustTrainer, Stage
-from hf_robust.trainer.health import HealthCheckError, assess, prediction_summary
+from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer, RobustConfig, RobustTrainer, Stage
+from hf_robust.core.health import HealthCheckError, assess, prediction_summary
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -219,7 +219,7 @@ def test_rounds_are_chosen_on_validation_and_resume(tmp_path, small_digits):
     are skipped stages, and a resumed run rebuilds the same choice from the stage folders."""
     from safetensors.torch import load_file
 
-    from hf_robust.masking import MaskStore
+    from hf_robust.methods.masktune.masks import MaskStore
 
     def summary(worst):
         return {"accuracy": worst, "worst_class_accuracy": worst, "class_accuracy": [worst, worst],
@@ -295,8 +295,8 @@ def fd_selecting(out, data, trainer_class, config_class):
 
 
 def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_digits):
-    from hf_robust.fair_dropout import fair_dropout_modules
-    from hf_robust.trainer import FairDropoutTrainer, FairDropoutTrainingConfig
+    from hf_robust.methods.fair_dropout.inject import fair_dropout_modules
+    from hf_robust.methods import FairDropoutTrainer, FairDropoutTrainingConfig
 
     trainer = fd_selecting(tmp_path / "fd", small_digits, FairDropoutTrainer, FairDropoutTrainingConfig)
     assert trainer.finished_stages == ["select_fair_dropout", "fairdropout"]
@@ -320,8 +320,8 @@ def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_d
 def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(tmp_path, small_digits):
     """FairDropout-DFR with its default selection (no erm_checkpoint): the knob selection and the last layer's
     held-out selection are two stages of one run, and the head is retrained on the chosen candidate's model."""
-    from hf_robust.fair_dropout import fair_dropout_modules
-    from hf_robust.trainer import FairDropoutDFRConfig, FairDropoutDFRTrainer
+    from hf_robust.methods.fair_dropout.inject import fair_dropout_modules
+    from hf_robust.methods import FairDropoutDFRConfig, FairDropoutDFRTrainer
 
     trainer = fd_selecting(tmp_path / "fd_dfr", small_digits, FairDropoutDFRTrainer, FairDropoutDFRConfig)
     assert trainer.finished_stages == ["select_fair_dropout", "fairdropout", "heldout", "scores", "select",
@@ -342,8 +342,8 @@ def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_pat
     final model carries the chosen candidate's position and weights."""
     from safetensors.torch import load_file
 
-    from hf_robust.fair_dropout import fair_dropout_modules
-    from hf_robust.trainer import FairDropoutTrainer, FairDropoutTrainingConfig
+    from hf_robust.methods.fair_dropout.inject import fair_dropout_modules
+    from hf_robust.methods import FairDropoutTrainer, FairDropoutTrainingConfig
 
     def run(out, **kwargs):
         model, processor = make_model("hf_resnet", seed=0)

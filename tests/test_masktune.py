@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from conftest import make_model, quick_config
 from torch import nn
 
-from hf_robust.adapters import UnsupportedModelError, get_adapter
-from hf_robust.cam import threshold_masks, token_attributions, xgradcam
+from hf_robust.models.adapter import UnsupportedModelError, get_adapter
+from hf_robust.explain.cam import threshold_masks, token_attributions, xgradcam
 from hf_robust.data import DataValidationError
-from hf_robust.masking import MaskStore, pack_bits, unpack_bits
-from hf_robust.selective import SelectiveClassifier, calibrate_thresholds, ensemble_response, selective_report
-from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer
-from hf_robust.trainer.base_trainer import maybe_wrap_timm
-from hf_robust.trainer.masktune_trainer import cam_at_input_size, image_masks, token_masks
+from hf_robust.methods.masktune.masks import MaskStore, pack_bits, unpack_bits
+from hf_robust.methods.masktune.selective import SelectiveClassifier, calibrate_thresholds, ensemble_response, selective_report
+from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
+from hf_robust.core.trainer import maybe_wrap_timm
+from hf_robust.methods.masktune.trainer import cam_at_input_size, image_masks, token_masks
 
 
 # ----------------------------------------------------------------------------- XGrad-CAM
@@ -463,8 +463,8 @@ def test_text_masks_land_on_their_tokens_with_a_left_padding_tokenizer(tmp_path)
     a token's position does not depend on the other texts of the batch."""
     from conftest import tiny_tokenizer
 
-    from hf_robust.masking import MaskStore
-    from hf_robust.preprocessing import GroupDataCollator
+    from hf_robust.methods.masktune.masks import MaskStore
+    from hf_robust.data.preprocessing import GroupDataCollator
 
     tokenizer = tiny_tokenizer(tmp_path)
     tokenizer.padding_side = "left"

@@ -19,9 +19,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image
 
 from hf_robust.data import DataValidationError, as_group_dataset
 from hf_robust.data.core import stratified_subset
-from hf_robust.run_folder import LOCK_NAME, OutputDirBusyError, OutputDirError, OutputDirLock
-from hf_robust.trainer import RobustConfig, RobustTrainer
-from hf_robust.trainer.base_trainer import OutputWriteError
+from hf_robust.core.run_folder import LOCK_NAME, OutputDirBusyError, OutputDirError, OutputDirLock
+from hf_robust.methods import RobustConfig, RobustTrainer
+from hf_robust.core.trainer import OutputWriteError
 
 SCRIPT = REPO / "scripts" / "train.py"
 HELD_RUN = REPO / "tests" / "scripts" / "held_run.py"
@@ -81,11 +81,11 @@ def test_a_second_process_into_a_running_folder_stops_with_one_error_line(tmp_pa
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, caplog):
-    code = (f"import os; from hf_robust.run_folder import OutputDirLock; held = OutputDirLock({str(tmp_path)!r}).acquire(); "
+    code = (f"import os; from hf_robust.core.run_folder import OutputDirLock; held = OutputDirLock({str(tmp_path)!r}).acquire(); "
             "os.kill(os.getpid(), 9)")
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert dead.returncode == -signal.SIGKILL and (tmp_path / LOCK_NAME).is_file()
-    with caplog.at_level(logging.WARNING, logger="hf_robust.run_folder"):
+    with caplog.at_level(logging.WARNING, logger="hf_robust.core.run_folder"):
         lock = OutputDirLock(tmp_path).acquire()
     assert "Taking over the stale lock of pid" in caplog.text
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()

@@ -11,7 +11,7 @@ from conftest import make_model, quick_config
 
 from hf_robust.data import DataValidationError
 from hf_robust.resources import load_metric
-from hf_robust.trainer import HubPushError, RobustConfig, RobustTrainer, Stage
+from hf_robust.methods import HubPushError, RobustConfig, RobustTrainer, Stage
 
 
 def config(tmp_path, **kwargs):
@@ -114,7 +114,7 @@ def test_save_model_evaluates_a_model_trained_since_its_last_evaluation(tmp_path
 
 
 def test_a_given_augmenting_collator_augments_training_only(tmp_path, small_digits):
-    from hf_robust.preprocessing import GroupDataCollator, ImagePreprocessing
+    from hf_robust.data.preprocessing import GroupDataCollator, ImagePreprocessing
 
     model, processor = make_model("hf_resnet")
     collator = GroupDataCollator("image", ImagePreprocessing.from_image_processor(processor), augmentation="flip")
@@ -368,7 +368,7 @@ def test_metric_module_is_the_trainers_metric(tmp_path, small_digits):
 
 
 def test_results_file_is_standard_json(tmp_path):
-    from hf_robust.trainer.base_trainer import atomic_write_json
+    from hf_robust.core.trainer import atomic_write_json
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")

@@ -26,14 +26,14 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest.make_model
 from conftest import make_model  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
-from hf_robust.sync_norm import SyncedBatchNorm2d  # noqa: E402
-from hf_robust.trainer import RobustConfig, RobustTrainer  # noqa: E402
+from hf_robust.core.sync_norm import SyncedBatchNorm2d  # noqa: E402
+from hf_robust.methods import RobustConfig, RobustTrainer  # noqa: E402
 
 GLOBAL_BATCH = 32
 
 
 def unsync(model: nn.Module) -> nn.Module:
-    """The model with per-process BatchNorm statistics (the stock class), as without hf_robust.sync_norm."""
+    """The model with per-process BatchNorm statistics (the stock class), as without hf_robust.core.sync_norm."""
     for module in model.modules():
         if isinstance(module, SyncedBatchNorm2d):
             module.__class__ = nn.BatchNorm2d

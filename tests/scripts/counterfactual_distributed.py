@@ -14,7 +14,7 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for the helpers
 from counterfactual_helpers import tiny_clip_classifier  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
-from hf_robust.trainer import CounterfactualDistillConfig, CounterfactualDistillTrainer  # noqa: E402
+from hf_robust.methods import CounterfactualDistillConfig, CounterfactualDistillTrainer  # noqa: E402
 
 
 def digest(model) -> str:

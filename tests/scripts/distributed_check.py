@@ -12,7 +12,7 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest.make_model
 from conftest import make_model  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
-from hf_robust.trainer import RobustConfig, RobustTrainer  # noqa: E402
+from hf_robust.methods import RobustConfig, RobustTrainer  # noqa: E402
 
 
 def main(out_path: str, work_dir: str) -> None:

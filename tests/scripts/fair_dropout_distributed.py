@@ -15,8 +15,8 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest.make_model
 from conftest import make_model  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
-from hf_robust.layers import fair_dropout as fair_dropout_layer  # noqa: E402
-from hf_robust.trainer import FairDropoutTrainer, FairDropoutTrainingConfig  # noqa: E402
+from hf_robust.methods.fair_dropout import layer as fair_dropout_layer  # noqa: E402
+from hf_robust.methods import FairDropoutTrainer, FairDropoutTrainingConfig  # noqa: E402
 
 
 def main(out_path: str, work_dir: str) -> None:

@@ -17,7 +17,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
 from hf_robust.models import load_model  # noqa: E402
-from hf_robust.trainer import RobustConfig, RobustTrainer  # noqa: E402
+from hf_robust.methods import RobustConfig, RobustTrainer  # noqa: E402
 
 output_dir, seed, started, gate = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 

@@ -14,7 +14,7 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest.make_model
 from conftest import make_model, shared_erm_checkpoint  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
-from hf_robust.trainer import MaskTuneConfig, MaskTuneTrainer  # noqa: E402
+from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer  # noqa: E402
 
 
 def main(out_path: str, work_dir: str, erm_dir: str) -> None:

@@ -1,0 +1,31 @@
+"""The methods, one package each (config + trainer, TRL style, plus the method's own pieces), listed once in
+`registry.METHODS`.
+
+Names are imported lazily: the configs need only transformers, so a CLI can build its parser without loading the
+trainers. `hf_robust.trainer` (the layout before this package) is an alias of this module.
+"""
+
+from importlib import import_module
+
+from .registry import trainer_exports
+
+_EXPORTS = {
+    "RobustConfig": "hf_robust.core.config",
+    "RobustTrainer": "hf_robust.core.trainer",
+    "HubPushError": "hf_robust.core.trainer",
+    "RunSetupError": "hf_robust.core.trainer",
+    "Stage": "hf_robust.core.trainer",
+    "LastLayerArguments": "hf_robust.methods.last_layer.config",
+    "LastLayerMixin": "hf_robust.methods.last_layer.mixin",
+    **trainer_exports(),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

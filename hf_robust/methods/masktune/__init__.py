@@ -1,0 +1,2 @@
+"""MaskTune (Taghanaki et al., "MaskTune: Mitigating Spurious Correlations by Forcing to Explore", NeurIPS 2022,
+arXiv:2210.00055): `config`, `trainer`, the masks (`masks`) and selective classification (`selective`)."""

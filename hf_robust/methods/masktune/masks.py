@@ -1,0 +1,155 @@
+"""Per-example masks, stored compactly (packed bits) and keyed by `example_idx`.
+
+A `MaskStore` holds one boolean mask per example — pixels at the model's input resolution for images, token
+positions for text — packed 8 to a byte (a 224x224 mask takes 6.3 kB, 32x32 takes 128 bytes). It plugs into
+`GroupDataCollator(example_transform=...)`: masked pixels become black (0) in the uint8 image before any
+augmentation and normalisation; masked tokens become the tokenizer's mask token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """(N, ...) bool -> (N, ceil(numel/8)) uint8, most significant bit first."""
+    flat = masks.flatten(1).to(torch.uint8)
+    pad = (-flat.shape[1]) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return (flat.view(flat.shape[0], -1, 8) * _BITS.to(flat.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_bits`: (N, bytes) uint8 -> (N, *shape) bool."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    bits = (packed[..., None] & _BITS.to(packed.device)) > 0
+    return bits.flatten(1)[:, :numel].view(packed.shape[0], *shape)
+
+
+class MaskStore:
+    """Boolean masks of one shape (e.g. (H, W) or (T,)) for a set of examples, keyed by `example_idx`."""
+
+    def __init__(self, masks: torch.Tensor, example_idx: torch.Tensor):
+        if masks.shape[0] != example_idx.shape[0]:
+            raise ValueError(f"{masks.shape[0]} masks for {example_idx.shape[0]} example indices.")
+        order = torch.argsort(example_idx)
+        self.example_idx = example_idx[order].long().cpu()
+        self.shape = tuple(masks.shape[1:])
+        self.packed = pack_bits(masks[order].bool()).cpu()
+
+    def __len__(self) -> int:
+        return len(self.example_idx)
+
+    def positions(self, example_idx: torch.Tensor) -> torch.Tensor:
+        example_idx = example_idx.long().cpu()
+        pos = torch.searchsorted(self.example_idx, example_idx).clamp(max=len(self.example_idx) - 1)
+        missing = self.example_idx[pos] != example_idx
+        if missing.any():
+            raise KeyError(f"No mask for example_idx {example_idx[missing][:5].tolist()}.")
+        return pos
+
+    def __getitem__(self, example_idx: torch.Tensor) -> torch.Tensor:
+        """Masks (B, *shape) bool for a batch of example indices."""
+        return unpack_bits(self.packed[self.positions(example_idx)], self.shape)
+
+    def masks(self) -> torch.Tensor:
+        """All masks, ordered by example_idx."""
+        return unpack_bits(self.packed, self.shape)
+
+    def masked_fraction(self) -> torch.Tensor:
+        """Fraction of masked entries per example (ordered by example_idx)."""
+        return self.masks().flatten(1).float().mean(1)
+
+    def union(self, other: MaskStore) -> MaskStore:
+        """Masks of both stores OR-ed (MaskTune's accumulative masking)."""
+        if other.shape != self.shape or not torch.equal(other.example_idx, self.example_idx):
+            raise ValueError("Can only combine masks of the same examples and shape.")
+        return MaskStore(self.masks() | other.masks(), self.example_idx)
+
+    # -- as collator transforms
+    def apply_to_pixels(self, pixels: torch.Tensor, example_idx: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) with every masked pixel black."""
+        keep = ~self[example_idx].to(pixels.device)
+        if keep.shape[-2:] != pixels.shape[-2:]:
+            raise ValueError(f"Masks of size {tuple(keep.shape[-2:])} for images of size {tuple(pixels.shape[-2:])}.")
+        return pixels * keep[:, None].to(pixels.dtype)
+
+    def token_transform(self, mask_token_id: int):
+        """A transform for input_ids (B, T): masked positions (T <= the stored length) -> `mask_token_id`."""
+
+        def apply(input_ids: torch.Tensor, example_idx: torch.Tensor) -> torch.Tensor:
+            masked = self[example_idx][:, : input_ids.shape[1]].to(input_ids.device)
+            if masked.shape[1] < input_ids.shape[1]:
+                masked = torch.nn.functional.pad(masked, (0, input_ids.shape[1] - masked.shape[1]))
+            return torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+
+        return apply
+
+    # -- persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"packed": self.packed, "example_idx": self.example_idx, "shape": torch.tensor(self.shape)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> MaskStore:
+        store = cls.__new__(cls)
+        store.packed = state["packed"]
+        store.example_idx = state["example_idx"]
+        store.shape = tuple(int(s) for s in state["shape"].tolist())
+        return store
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state_dict(), str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaskStore:
+        from safetensors.torch import load_file
+
+        return cls.from_state_dict(load_file(str(path)))
+
+
+def random_window_masks(
+    example_idx: torch.Tensor, size: tuple[int, int], seed: int = 0, min_side: int = 2, max_side: int | None = None
+) -> torch.Tensor:
+    """RandMask, MaskTune's random-masking baseline (Taghanaki et al., arXiv:2210.00055, Figure 2 and appendix
+    Table 6): one square window per image, its side uniform in `min_side..max_side` (default: half the shorter
+    image side, 14 at 28x28: the paper's {2x2, ..., n x n}, n = side / 2), its position uniform among those that
+    keep it inside the image. (B, H, W) bool on `example_idx`'s device.
+
+    Each window is a pure function of (seed, example_idx), read off the counter-based hash of FairDropout's masks:
+    the same on every process and after resume, no global RNG. The authors' code (torchvision-style `Cutout` with
+    lengths 2..14) centres the window anywhere and clips it at the border, so their windows near the edges are
+    smaller and their sides even; here every window has its drawn size. A consequence on biased MNIST: a window
+    covers the 4x4 corner square for ~0.2% of the images here, ~3% with theirs.
+    """
+    from ..fair_dropout.layer import _MASK32, _mix32, _mix32_int
+
+    height, width = int(size[0]), int(size[1])
+    max_side = min(height, width) // 2 if max_side is None else int(max_side)
+    if not 1 <= min_side <= max_side <= min(height, width):
+        raise ValueError(f"Random windows of side {min_side}..{max_side} do not fit {height}x{width} images "
+                         f"(expected 1 <= min_side <= max_side <= {min(height, width)}).")
+    idx = example_idx.to(torch.int64)
+    state = _mix32((idx & _MASK32) ^ _mix32_int(int(seed) ^ 0x52414E44))
+    state = _mix32(state ^ ((idx >> 32) & _MASK32))
+
+    def uniform_int(counter: int, count: torch.Tensor | int) -> torch.Tensor:
+        # a 32-bit hash scaled to 0..count-1 (bits * count < 2**63: exact in int64)
+        return (_mix32(state ^ _mix32_int(counter)) * count) >> 32
+
+    side = min_side + uniform_int(1, max_side - min_side + 1)
+    top = uniform_int(2, height - side + 1)
+    left = uniform_int(3, width - side + 1)
+    rows = torch.arange(height, device=idx.device)[None, :, None]
+    cols = torch.arange(width, device=idx.device)[None, None, :]
+    inside_rows = (rows >= top[:, None, None]) & (rows < (top + side)[:, None, None])
+    inside_cols = (cols >= left[:, None, None]) & (cols < (left + side)[:, None, None])
+    return inside_rows & inside_cols
