@@ -1,8 +1,8 @@
 """FairDropout: example-tied dropout, the layer (functional `fair_dropout` and module `FairDropout`).
 
-Papers: "FairDropout: Using Example-Tied Dropout to Enhance Generalization of Minority Groups" (the method
-and its name; hf_robust paper 002), after the example-tied dropout of Maini et al., "Can Neural Network
-Memorization Be Localized?" (ICML 2023). Inspired by the authors' `ExampleTiedDropout`
+Papers: Nanfack and Belilovsky, "FairDropout: Using Example-Tied Dropout to Enhance Generalization of Minority
+Groups" (arXiv:2502.06695; the method and its name), after the example-tied dropout of Maini et al., "Can Neural
+Network Memorization Be Localized?" (ICML 2023, arXiv:2307.09542). Inspired by the authors' `ExampleTiedDropout`
 (github.com/pratyushmaini/localizing-memorization, models/dropout.py), rewritten:
 
 - the first `round(p_gen * C)` neurons (channels of a (B, C, H, W) map, the last axis of (B, T, D) tokens or
