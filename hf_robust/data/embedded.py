@@ -118,6 +118,8 @@ def _exact_subset(rng: np.random.Generator, mask: np.ndarray, fraction: float) -
     return chosen
 
 
+# digits-clip's teacher is pre-trained on this generator's output: a change here bumps
+# hf_robust.models.digits_clip.PRETRAIN_VERSION
 def make_biased_digits(
     seed: int = 0,
     image_size: int = 32,

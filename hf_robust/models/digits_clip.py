@@ -20,7 +20,6 @@ class whose names are "zero" ... "four" (all averaged into its head row).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -43,6 +42,9 @@ DIGIT_TEMPLATES = [
     "a picture of a {}.", "a blurry photo of the number {}.", "a pixelated {}.", "a small drawing of a {}.",
 ]
 PRETRAIN_DATA_SEED = 1000
+# the version of the pre-training code and of the data it reads: part of the cache key, so a change that alters the
+# teacher's weights (here, or in `hf_robust.data.embedded.make_biased_digits`) must bump it
+PRETRAIN_VERSION = 1
 # image tower, text tower and schedule of the pre-training; part of the cache key
 PRETRAIN_SETTINGS = dict(
     image_size=32, patch_size=8, vision_hidden=64, vision_layers=4, text_hidden=64, text_layers=2, heads=4,
@@ -172,15 +174,10 @@ def digits_clip_path(cache_dir: str | os.PathLike | None = None) -> Path:
     from filelock import FileLock
     from huggingface_hub.constants import HF_HOME
 
-    from ..data import embedded
-
-    # the recipe is the key: settings, prompts, constants and the code that makes the data and trains (not the
-    # rest of this file, whose edits change no weight)
+    # the recipe is the key: settings, prompts, constants, and the version of the code that makes the data and
+    # trains (PRETRAIN_VERSION: bump it with any change to that code, or to biased_digits' generator)
     recipe = {"settings": PRETRAIN_SETTINGS, "templates": DIGIT_TEMPLATES, "data_seed": PRETRAIN_DATA_SEED,
-              "words": DIGIT_WORDS, "mean": CLIP_MEAN, "std": CLIP_STD,
-              "code": [inspect.getsource(f) for f in (pretrain_digits_clip, _pretrain, digits_clip_config, word_tokenizer,
-                                                       _vocabulary, _image_processor, embedded.make_biased_digits,
-                                                       embedded._render_digits)]}
+              "words": DIGIT_WORDS, "mean": CLIP_MEAN, "std": CLIP_STD, "version": PRETRAIN_VERSION}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else Path(HF_HOME) / "hf_robust" / "models"
     target = root / f"digits-clip-{key}"
