@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import train_script  # scripts/ is sys.path[0] when this file runs
+from bench.common import train_script  # scripts/ is sys.path[0] when this file runs
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "benchmark_results.json"
@@ -125,42 +125,42 @@ def benchmark_erm(seeds: list[int]) -> dict:
 
 
 def benchmark_counterfactual(seeds: list[int]) -> dict:
-    """scripts/bench_counterfactual.py: the embedded demo per seed; distillation step / plain step."""
-    import bench_counterfactual
+    """scripts/bench/counterfactual.py: the embedded demo per seed; distillation step / plain step."""
+    from bench import counterfactual as bench_counterfactual
 
     return bench_counterfactual.benchmark_counterfactual(seeds, quality)
 
 
 def benchmark_fairdropout(seeds: list[int]) -> dict:
     """Position/p chosen on validation worst-class accuracy; FairDropout, FairDropout-DFR and ERM on every seed;
-    speed ratios (scripts/bench_fair_dropout.py)."""
-    import bench_fair_dropout
+    speed ratios (scripts/bench/fair_dropout.py)."""
+    from bench import fair_dropout as bench_fair_dropout
 
     return {"timing": bench_fair_dropout.timing(), "quality": bench_fair_dropout.quality(train_script(), seeds)}
 
 
 def benchmark_gradtune(seeds: list[int]) -> dict:
-    """scripts/bench_gradtune.py: GradTune and DFR share one ERM model per seed within a process."""
-    import bench_gradtune
+    """scripts/bench/gradtune.py: GradTune and DFR share one ERM model per seed within a process."""
+    from bench import gradtune as bench_gradtune
 
     return bench_gradtune.benchmark_gradtune(seeds)
 
 
 def benchmark_dfr(seeds: list[int]) -> dict:
-    import bench_gradtune
+    from bench import gradtune as bench_gradtune
 
     return bench_gradtune.benchmark_dfr(seeds)
 
 
 def benchmark_masktune(seeds: list[int]) -> dict:
-    """scripts/bench_masktune.py: the main job's ERM -> MaskTune per seed; masking pass / ERM epoch."""
-    import bench_masktune
+    """scripts/bench/masktune.py: the main job's ERM -> MaskTune per seed; masking pass / ERM epoch."""
+    from bench import masktune as bench_masktune
 
     return bench_masktune.benchmark_masktune(seeds, quality)
 
 
 def timing_counterfactual() -> dict:
-    import bench_counterfactual
+    from bench import counterfactual as bench_counterfactual
 
     return bench_counterfactual.step_timing()
 
@@ -180,7 +180,7 @@ def main() -> None:
                         help="results file, updated in place (method by method); default: the tracked "
                              "scripts/benchmark_results.json — pass another path for a trial run")
     parser.add_argument("--suite", action="store_true",
-                        help="run every method's default on every benchmark of the shortcut suite (scripts/bench_suite.py); "
+                        help="run every method's default on every benchmark of the shortcut suite (scripts/bench/suite.py); "
                              "--methods and --benchmarks narrow it; results under 'suite' in the results file")
     parser.add_argument("--benchmarks", default=None, help="with --suite: comma-separated benchmarks of the suite")
     parser.add_argument("--timing_only", action="store_true",
@@ -199,7 +199,7 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     if args.suite:
-        import bench_suite
+        from bench import suite as bench_suite
 
         methods = bench_suite.SUITE_METHODS if args.methods == ",".join(BENCHMARKS) else tuple(args.methods.split(","))
         benchmarks = tuple(args.benchmarks.split(",")) if args.benchmarks else bench_suite.SUITE

@@ -343,7 +343,7 @@ def test_bench_mnist_says_when_no_copy_is_found(tmp_path, monkeypatch, capsys):
     from conftest import REPO
 
     monkeypatch.setenv("HF_ROBUST_DATA", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("bench_mnist", REPO / "scripts" / "bench_mnist.py")
+    spec = importlib.util.spec_from_file_location("bench_mnist", REPO / "scripts" / "bench" / "mnist.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     output = tmp_path / "results.json"
@@ -361,7 +361,7 @@ def test_bench_mnist_summary_and_table():
 
     from conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("bench_mnist", REPO / "scripts" / "bench_mnist.py")
+    spec = importlib.util.spec_from_file_location("bench_mnist", REPO / "scripts" / "bench" / "mnist.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import interleaved, train_script
+from bench.common import interleaved, train_script
 
 _ERM_DIRS: dict[int, str] = {}
 _WORK = None

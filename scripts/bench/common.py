@@ -1,4 +1,4 @@
-"""Helpers shared by scripts/benchmark.py and the per-method modules it imports (bench_*.py)."""
+"""Helpers shared by scripts/benchmark.py and the per-method modules it imports (scripts/bench/*.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _TRAIN_MODULE = "hf_robust_train_script"
 def train_script():
     """scripts/train.py as a module (imported once per process): its `main(argv)` runs the main job in-process."""
     if _TRAIN_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(_TRAIN_MODULE, HERE / "train.py")
+        spec = importlib.util.spec_from_file_location(_TRAIN_MODULE, HERE.parent / "train.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[_TRAIN_MODULE] = module
         spec.loader.exec_module(module)

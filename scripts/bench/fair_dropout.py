@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import interleaved
+from bench.common import interleaved
 from hf_robust.recipes import DATASET_RECIPES
 
 POSITIONS = ["dp2", "dp3", "dp4", "dp5"]

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import train_script
+from bench.common import train_script
 
 SUITE = ("biased_digits", "scene_digits", "tinted_digits")
 SUITE_METHODS = ("erm", "masktune", "gradtune", "dfr", "fairdropout", "fairdropout_dfr", "counterfactual")

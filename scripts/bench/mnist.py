@@ -1,7 +1,7 @@
 """Reproduction of MaskTune's biased-MNIST experiment on the real digits, side by side with the paper's numbers.
 
-    HF_ROBUST_DATA=<root> python scripts/bench_mnist.py --rows masktune,randmask --seeds 0,1,2
-    python scripts/bench_mnist.py --data_path <folder of ylecun/mnist's layout> --rows masktune --seeds 0
+    HF_ROBUST_DATA=<root> python scripts/bench/mnist.py --rows masktune,randmask --seeds 0,1,2
+    python scripts/bench/mnist.py --data_path <folder of ylecun/mnist's layout> --rows masktune --seeds 0
 
 Needs MNIST: the Hub's `ylecun/mnist`, or a local copy in its layout (`<root>/mnist/{train,test}-*.parquet`,
 pointed at by `HF_ROBUST_DATA=<root>` or `--data_path`); without one it says so and exits with status 2.
@@ -33,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent.parent  # scripts/
+sys.path.insert(0, str(HERE))  # run as a script: `bench` importable
 RESULTS = HERE / "benchmark_results.json"
 
 
@@ -136,7 +136,7 @@ def erm_checkpoint(seed: int, recipe: list[str], data_path: str | None, log=prin
     their own `erm` stage would train it, so the two rows share one ERM model per seed."""
     key = (seed, tuple(recipe))
     if key not in _ERM_DIRS:
-        from bench_common import train_script
+        from bench.common import train_script
 
         out = str(Path(_WORK.name) / f"erm_seed{seed}")
         argv = ["--method", "erm", "--dataset", "biased_mnist", *recipe, "--seed", str(seed), "--output_dir", out,
@@ -150,7 +150,7 @@ def erm_checkpoint(seed: int, recipe: list[str], data_path: str | None, log=prin
 
 
 def run_row(row: str, seeds: list[int], recipe: list[str], data_path: str | None, log=print) -> tuple[dict, list]:
-    from bench_common import train_script
+    from bench.common import train_script
 
     method, extra = ROWS[row]
     train = train_script()
