@@ -5,6 +5,7 @@ import torch
 from conftest import make_model
 from torch import nn
 
+from hf_robust.methods.fair_dropout.positions import get_position, positions_for
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
 from hf_robust.core.trainer import maybe_wrap_timm
 
@@ -56,7 +57,7 @@ def test_adapter_matrix(family, lora):
     adapter = get_adapter(model)
     assert adapter.input_kind == ("text" if family == "hf_bert" else "image")
     assert isinstance(adapter.classifier, nn.Linear) and adapter.classifier.out_features == 3
-    assert sorted(adapter.fair_dropout_positions) == POSITIONS[family]
+    assert sorted(positions_for(adapter)) == POSITIONS[family]
 
     inputs = _inputs(family)
     features, logits = adapter.penultimate(inputs)
@@ -137,10 +138,10 @@ def test_unsupported_model_names_what_is_missing():
 def test_unknown_fair_dropout_position_lists_valid_ones():
     model, _ = make_model("hf_resnet")
     with pytest.raises(UnsupportedModelError, match=r"'dp9'.*valid positions are \['dp2', 'dp3', 'dp4', 'dp5'\]"):
-        get_adapter(model).fair_dropout_position("dp9")
+        get_position(get_adapter(model), "dp9")
     model, _ = make_model("hf_vit")
     with pytest.raises(UnsupportedModelError, match=r"\['block0', 'block1', 'pooled'\]"):
-        get_adapter(model).fair_dropout_position("fc")
+        get_position(get_adapter(model), "fc")
 
 
 def test_timm_resnet_cam_under_activation_checkpointing():
