@@ -225,6 +225,19 @@ def test_unknown_fair_dropout_position_lists_valid_ones():
         get_position(get_adapter(model), "fc")
 
 
+def test_method_knowledge_left_the_adapter_and_says_where_it_went():
+    from hf_robust.methods.fair_dropout import positions
+
+    adapter = get_adapter(make_model("hf_resnet")[0])
+    for attribute, new_home in (("fair_dropout_positions", "positions_for"), ("default_positions", "default_positions"),
+                                ("image_embedding", "counterfactual.embedding.image_embedding")):
+        with pytest.raises(AttributeError, match=f"moved to the method that uses it: .*{new_home}"):
+            getattr(adapter, attribute)
+    with pytest.warns(DeprecationWarning, match="moved to hf_robust.methods.fair_dropout.positions"):
+        from hf_robust.models.adapter import FairDropoutPosition
+    assert FairDropoutPosition is positions.FairDropoutPosition
+
+
 def test_timm_resnet_cam_under_activation_checkpointing():
     """timm runs a checkpointed stage block by block: the CAM hook sits on the last block, which still runs."""
     from hf_robust.methods.masktune.trainer import image_masks

@@ -270,6 +270,19 @@ class ModelAdapter:
             self.model.set_attn_implementation("eager")
 
 
+def __getattr__(name: str):
+    # FairDropout's position type was defined here before it moved to the method's package
+    if name == "FairDropoutPosition":
+        import warnings
+
+        warnings.warn("hf_robust.models.adapter.FairDropoutPosition moved to "
+                      "hf_robust.methods.fair_dropout.positions.FairDropoutPosition.", DeprecationWarning, stacklevel=2)
+        from ..methods.fair_dropout.positions import FairDropoutPosition
+
+        return FairDropoutPosition
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def get_adapter(
     model: nn.Module,
     *,
