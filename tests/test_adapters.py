@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_model
+import torch.nn.functional as F
+from conftest import make_model, quick_config
 from torch import nn
 
+from hf_robust.methods.fair_dropout.positions import get_position, positions_for
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
 from hf_robust.core.trainer import maybe_wrap_timm
 
@@ -56,7 +58,7 @@ def test_adapter_matrix(family, lora):
     adapter = get_adapter(model)
     assert adapter.input_kind == ("text" if family == "hf_bert" else "image")
     assert isinstance(adapter.classifier, nn.Linear) and adapter.classifier.out_features == 3
-    assert sorted(adapter.fair_dropout_positions) == POSITIONS[family]
+    assert sorted(positions_for(adapter)) == POSITIONS[family]
 
     inputs = _inputs(family)
     features, logits = adapter.penultimate(inputs)
@@ -134,13 +136,106 @@ def test_unsupported_model_names_what_is_missing():
         get_adapter(model, classifier="3").require("cam_layer")
 
 
+class TinyTextClassifier(nn.Module):
+    """A text classifier no family knows (not a transformers model): a BERT encoder built from a config, and a
+    linear head named `head` on its pooled output."""
+
+    def __init__(self, vocab_size: int, num_labels: int = 2):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.encoder = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+        self.head = nn.Linear(16, num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        pooled = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).pooler_output
+        logits = self.head(pooled)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def test_a_custom_text_model_named_by_its_classifier_trains(tmp_path, text_data, tokenizer):
+    """The README's promise: a model hf_robust does not know runs with `classifier_layer=` in the config. Its
+    input kind comes from its forward (`input_ids`), not a default of "image"."""
+    from hf_robust.methods import RobustConfig, RobustTrainer
+
+    torch.manual_seed(0)
+    model = TinyTextClassifier(len(tokenizer))
+    with pytest.raises(UnsupportedModelError, match="no adapter for TinyTextClassifier"):
+        get_adapter(model)
+    adapter = get_adapter(model, classifier="head")
+    assert (adapter.family, adapter.input_kind, adapter.main_input_name) == ("custom", "text", "input_ids")
+    assert adapter.classifier is model.head
+    batch = dict(tokenizer(["a fine film", "spoiler: a dull film"], padding=True, return_tensors="pt"))
+    features, logits = adapter.penultimate(batch)
+    assert features.shape == (2, 16) and torch.allclose(model.head(features), logits)
+
+    config = quick_config(RobustConfig, tmp_path / "out", classifier_layer="head", max_steps=2,
+                          per_device_train_batch_size=8, logging_steps=100)
+    trainer = RobustTrainer(model, config, train_dataset=text_data["train"].select(range(16)),
+                            eval_dataset={"validation": text_data["validation"].select(range(16))},
+                            processing_class=tokenizer)
+    assert trainer.input_kind == "text" and trainer.adapter.input_kind == "text"
+    before = model.head.weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 2 and not torch.equal(model.head.weight, before)
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_validation_worst_group_accuracy"] <= metrics["eval_validation_accuracy"] <= 1
+
+
+def test_the_input_kind_of_a_custom_model():
+    image = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert get_adapter(image, classifier="3").input_kind == "image"  # forward(input) tells nothing: "image"
+    text = get_adapter(image, classifier="3", input_kind="text")
+    assert text.input_kind == "text" and text.main_input_name == "input_ids"
+
+    class ByMainInput(nn.Module):  # a forward that takes anything: its main_input_name decides
+        main_input_name = "input_ids"
+
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, **inputs):
+            return self.head(self.embed(inputs["input_ids"]).mean(1))
+
+    model = ByMainInput()
+    adapter = get_adapter(model, classifier="head")
+    assert adapter.input_kind == "text" and adapter.embedding_layer is model.embed
+    with pytest.raises(ValueError, match="input_kind='audio'"):
+        get_adapter(image, classifier="3", input_kind="audio")
+    bert, _ = make_model("hf_bert")
+    with pytest.raises(UnsupportedModelError, match=r"input_kind='image', but BertForSequenceClassification \(hf_bert\)"):
+        get_adapter(bert, input_kind="image")
+
+
 def test_unknown_fair_dropout_position_lists_valid_ones():
     model, _ = make_model("hf_resnet")
     with pytest.raises(UnsupportedModelError, match=r"'dp9'.*valid positions are \['dp2', 'dp3', 'dp4', 'dp5'\]"):
-        get_adapter(model).fair_dropout_position("dp9")
+        get_position(get_adapter(model), "dp9")
     model, _ = make_model("hf_vit")
     with pytest.raises(UnsupportedModelError, match=r"\['block0', 'block1', 'pooled'\]"):
-        get_adapter(model).fair_dropout_position("fc")
+        get_position(get_adapter(model), "fc")
+
+
+def test_method_knowledge_left_the_adapter_and_says_where_it_went():
+    from hf_robust.methods.fair_dropout import positions
+
+    adapter = get_adapter(make_model("hf_resnet")[0])
+    for attribute, new_home in (("fair_dropout_positions", "positions_for"), ("default_positions", "default_positions"),
+                                ("image_embedding", "counterfactual.embedding.image_embedding")):
+        with pytest.raises(AttributeError, match=f"moved to the method that uses it: .*{new_home}"):
+            getattr(adapter, attribute)
+    with pytest.warns(DeprecationWarning, match="moved to hf_robust.methods.fair_dropout.positions"):
+        from hf_robust.models.adapter import FairDropoutPosition
+    assert FairDropoutPosition is positions.FairDropoutPosition
 
 
 def test_timm_resnet_cam_under_activation_checkpointing():

@@ -20,6 +20,7 @@ from torch import nn
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
 from hf_robust.models.clip import CLIPZeroShotClassifier, load_clip_zero_shot, zero_shot_weights
 from hf_robust.methods.counterfactual.counterfactuals import draw_donors, make_counterfactuals, patch_masks, refill
+from hf_robust.methods.counterfactual.embedding import image_embedding
 from hf_robust.data import DataValidationError
 from hf_robust.explain.rollout import gradient_weighted_rollout
 from hf_robust.methods import CounterfactualDistillConfig, CounterfactualDistillTrainer
@@ -90,7 +91,7 @@ def test_load_clip_zero_shot_reads_a_local_checkpoint_like_the_hub_one(tmp_path)
     assert adapter.family == "clip_zero_shot" and adapter.cam_method == "attention_rollout"
     assert adapter.patch_grid == (4, 4) and adapter.classifier is model.classifier
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(adapter.image_embedding({"pixel_values": x}), model.image_embeds(x))
+    torch.testing.assert_close(image_embedding(adapter, {"pixel_values": x}), model.image_embeds(x))
 
 
 # ----------------------------------------------------------------------------- attention rollout

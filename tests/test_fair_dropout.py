@@ -13,6 +13,7 @@ from conftest import make_model, quick_config
 from torch import nn
 
 from hf_robust.models.adapter import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
+from hf_robust.methods.fair_dropout.positions import positions_for
 from hf_robust.methods.fair_dropout.inject import (
     CONFIG_NAME,
     FairDropoutConfig,
@@ -219,7 +220,7 @@ def test_training_without_example_idx_is_an_error_eval_is_not():
 def test_p_gen_one_reproduces_the_plain_model(family):
     model, _ = make_model(family)
     plain, _ = make_model(family)
-    positions = [p for p in get_adapter(model).fair_dropout_positions if p != "fc"]  # fc adds a projection
+    positions = [p for p in positions_for(get_adapter(model)) if p != "fc"]  # fc adds a projection
     inject_fair_dropout(model, FairDropoutConfig(positions=positions, p_gen=1.0))
     inputs = inputs_for(family)
     for mode in (True, False):

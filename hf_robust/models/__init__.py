@@ -1,5 +1,5 @@
-"""Models: loading by name (`presets`), what the methods need to know of a model (`adapter`), and the built-in
-models (`mnist_cnn`, `clip`, `digits_clip`)."""
+"""Models: loading by name (`presets`), what the methods need to know of a model (`adapter`) and the families
+hf_robust reads it from (`families`, one table), and the built-in models (`mnist_cnn`, `clip`, `digits_clip`)."""
 
 from importlib import import_module
 

@@ -1,23 +1,21 @@
-"""What each architecture family exposes to the methods — the one place that knows model layouts.
+"""What several methods need to know of a model's layout, and `get_adapter`, which finds it.
 
 An adapter answers, for a model:
 - `classifier`: its last linear layer (`z = W h + b`), and `penultimate`: the features `h` that layer reads;
-- `cam_layer`: where class activation maps are taken (xGradCAM for MaskTune, the CNN path of counterfactual
-  distillation), and how to read its activation as a (B, C, H, W) map;
-- `fair_dropout_positions`: the named places FairDropout can sit (SPEC 4.3);
+- `cam_layer`: where class activation maps are taken (xGradCAM), and how to read its activation as a
+  (B, C, H, W) map; `cam_method`: how a class activation map is made for the model — `"attention_rollout"`
+  (gradient-weighted attention rollout, for ViT-like transformers that return attention maps) or `"xgradcam"`
+  at `cam_layer` — and `patch_grid`, the (h, w) grid of patches the map lives on where it is known in advance;
 - `embedding_layer` for text models (token attributions);
-- `cam_method`: how a class activation map is made for the model — `"attention_rollout"` (gradient-weighted
-  attention rollout, for transformers ViT-like models that return attention maps) or `"xgradcam"` at
-  `cam_layer` — and `patch_grid`, the (h, w) grid of patches the map lives on where it is known in advance;
-- `image_embedding`: the image embedding counterfactual distillation matches between student and teacher (for
-  a CLIP zero-shot classifier the projected, unnormalised CLIP embedding; otherwise the penultimate features).
+- `input_kind`: `"image"` or `"text"`.
 
-Families: HF BERT-style encoders (BERT, RoBERTa, DistilBERT, ... with a `classifier` head), HF ViT, HF ResNet,
-MaskTune's biased-MNIST CNN (`hf_robust.models.mnist_cnn`),
-timm ResNets and ViTs (raw, or inside transformers' `TimmWrapperForImageClassification`), CLIP image towers
-with a zero-shot head (`hf_robust.models.clip.CLIPZeroShotClassifier`). peft-wrapped models
-(LoRA, ...) are looked through. Anything else gets an error that names what is missing and the argument that
-supplies it (`classifier=`, `target_layer=`).
+Which families exist and how each one is read is the table in `hf_robust.models.families`. What one method
+alone knows of an architecture lives in that method's package, in a table keyed by `ModelAdapter.family`:
+FairDropout's positions (`hf_robust.methods.fair_dropout.positions`), the embedding counterfactual
+distillation matches (`hf_robust.methods.counterfactual.embedding`).
+
+peft-wrapped models (LoRA, ...) and DDP/accelerate wrappers are looked through. A model no family knows gets an
+error that names the arguments that describe it (`classifier=`, `target_layer=`, `input_kind=`).
 """
 
 from __future__ import annotations
@@ -25,41 +23,35 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-# Set (to True) on a model whose forward pre-hook consumes `example_idx` (FairDropout): the trainers then pass
-# `example_idx` into the model's inputs instead of dropping it.
+# Set (to True) on a model whose forward consumes an `example_idx` keyword (per-example behaviour in training,
+# e.g. example-tied dropout): the trainers then pass `example_idx` into the model's inputs instead of dropping it.
 EXAMPLE_IDX_FLAG = "_hf_robust_uses_example_idx"
+
+INPUT_KINDS = ("image", "text")
+
+# attributes that moved out of the adapter into the one method that uses them: where they are now
+_MOVED = {
+    "positions": "hf_robust.methods.fair_dropout.positions.positions_for(adapter)",
+    "fair_dropout_positions": "hf_robust.methods.fair_dropout.positions.positions_for(adapter)",
+    "fair_dropout_position": "hf_robust.methods.fair_dropout.positions.get_position(adapter, name)",
+    "default_positions": "hf_robust.methods.fair_dropout.positions.default_positions(adapter)",
+    "selection_positions": "hf_robust.methods.fair_dropout.positions.selection_positions(adapter)",
+    "image_embedding": "hf_robust.methods.counterfactual.embedding.image_embedding(adapter, inputs)",
+    "capture_image_embedding": "hf_robust.methods.counterfactual.embedding.capture_image_embedding(adapter)",
+    "image_embedding_module": "hf_robust.methods.counterfactual.embedding.embedding_module(adapter)",
+}
 
 
 class UnsupportedModelError(ValueError):
     """hf_robust cannot find, in this model, a piece a method needs."""
 
 
-@dataclass
-class FairDropoutPosition:
-    """Where FairDropout can act: on the `output` of `module`, or on the `input` of `module` (the classifier).
-
-    `layout` says which axis holds the neurons: `channels` (B, C, H, W), `tokens` (B, T, D), `features` (B, D).
-    `projection`: FairDropout acts on a NEW linear projection (D -> D) inserted there (BERT's `fc`).
-    `consumers`: the layers that read these neurons on their input axis (weight dim 1: the next stage's first
-    convs, or the classifier after a channel-wise pooling), into which an export folds the eval-time mask;
-    `fold_error` says why a position cannot be folded (a residual stream, a LayerNorm, an identity shortcut).
-    """
-
-    module: nn.Module
-    where: str
-    layout: str
-    num_features: int | None = None
-    projection: bool = False
-    consumers: tuple[nn.Module, ...] = ()
-    fold_error: str | None = None
-
-
+# ---------------------------------------------------------------------------------------------- wrappers
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Look through DDP/accelerate wrappers and peft: the model whose layout the adapters know."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and not hasattr(model, "config"):
@@ -84,24 +76,34 @@ def active_module(module: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else module
 
 
-def _get(root: nn.Module, path: str) -> nn.Module | None:
+def is_lora_layer(module: nn.Module | None) -> bool:
+    """A peft LoRA-style layer: a frozen `base_layer` plus a trained low-rank update added to its output."""
+    return module is not None and isinstance(getattr(module, "base_layer", None), nn.Module) and (
+        hasattr(module, "lora_A") or hasattr(module, "lora_B")
+    )
+
+
+# ---------------------------------------------------------------------------------------------- module lookup
+def submodule(root: nn.Module | None, path: str) -> nn.Module | None:
+    """`root.<path>` (dotted attribute path) if it is a module, else None."""
     module = root
     for part in path.split("."):
-        if not hasattr(module, part):
+        if module is None or not hasattr(module, part):
             return None
         module = getattr(module, part)
     return module if isinstance(module, nn.Module) else None
 
 
-def _first(root: nn.Module, *paths: str) -> nn.Module | None:
+def first_submodule(root: nn.Module | None, *paths: str) -> nn.Module | None:
+    """The first of `paths` that names a module of `root`."""
     for path in paths:
-        module = _get(root, path)
+        module = submodule(root, path)
         if module is not None:
             return module
     return None
 
 
-def _last_linear(module: nn.Module | None) -> nn.Module | None:
+def last_linear(module: nn.Module | None) -> nn.Module | None:
     """The last nn.Linear inside `module` (itself if it is one), peft wrappers kept so that hooks see them. A
     peft layer counts as one Linear: its own parts (LoRA's `lora_A`/`lora_B`) are never the classifier."""
     if module is None:
@@ -110,22 +112,21 @@ def _last_linear(module: nn.Module | None) -> nn.Module | None:
         return module
     found = None
     for child in module.children():
-        hit = _last_linear(child)
+        hit = last_linear(child)
         if hit is not None:
             found = hit
     return found
 
 
-def is_lora_layer(module: nn.Module | None) -> bool:
-    """A peft LoRA-style layer: a frozen `base_layer` plus a trained low-rank update added to its output."""
-    return module is not None and isinstance(getattr(module, "base_layer", None), nn.Module) and (
-        hasattr(module, "lora_A") or hasattr(module, "lora_B")
-    )
-
-
+# ---------------------------------------------------------------------------------------------- the adapter
 @dataclass
 class ModelAdapter:
-    """Architecture knowledge for one model. Build it with `get_adapter(model)`."""
+    """Architecture knowledge for one model that several methods share. Build it with `get_adapter(model)`.
+
+    `family` is the key of the family tables (`hf_robust.models.families.FAMILIES`, and the per-family tables of
+    the methods); `name` is how messages call the model's kind (the family with its HF model type, or whether a
+    timm model is wrapped: `hf_bert`, `hf_deit`, `timm_wrapper_resnet`).
+    """
 
     model: nn.Module
     family: str
@@ -135,19 +136,21 @@ class ModelAdapter:
     cam_layout: str = "channels"
     num_prefix_tokens: int = 0
     embedding_module: nn.Module | None = None
-    positions: dict[str, FairDropoutPosition] = field(default_factory=dict)
-    # where FairDropout goes when no position is named (the paper's choices: after the third residual stage
-    # of a ResNet, on a new projection before a text classifier)
-    default_positions: tuple[str, ...] = ()
-    # the positions FairDropout's label-free selection tries (each alone) when none is named; empty: the default.
-    # The paper tunes the position by worst-class accuracy over {dp2..dp5} (ResNet-50) and {logits, fc} (BERT); two
-    # per family keeps the grid at 2 positions x the (p_gen, p_mem) pairs
-    selection_positions: tuple[str, ...] = ()
     main_input_name: str = "pixel_values"
     cam_method: str = "xgradcam"
     patch_grid: tuple[int, int] | None = None
-    # whose OUTPUT is the image embedding distilled by counterfactual distillation (default: classifier input)
-    image_embedding_module: nn.Module | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self.name = self.name or self.family
+
+    def __getattr__(self, attribute: str):
+        # only reached for attributes the adapter does not have
+        if attribute in _MOVED:
+            raise AttributeError(
+                f"ModelAdapter.{attribute} moved to the method that uses it: {_MOVED[attribute]}."
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
 
     # -- pieces the methods ask for; each raises a clear error when the family does not have it
     def require(self, *pieces: str) -> None:
@@ -199,21 +202,10 @@ class ModelAdapter:
     def embedding_layer(self) -> nn.Module:
         if self.embedding_module is None:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} has no input token embeddings: token attributions need a text model."
+                f"{type(self.model).__name__} has no input token embeddings: token attributions need a text model "
+                "(with `get_input_embeddings()`)."
             )
         return self.embedding_module
-
-    @property
-    def fair_dropout_positions(self) -> dict[str, FairDropoutPosition]:
-        return dict(self.positions)
-
-    def fair_dropout_position(self, name: str) -> FairDropoutPosition:
-        if name not in self.positions:
-            raise UnsupportedModelError(
-                f"Unknown FairDropout position {name!r} for {type(self.model).__name__} ({self.family}): valid "
-                f"positions are {sorted(self.positions, key=_natural)}."
-            )
-        return self.positions[name]
 
     # -- activations
     def activation_to_map(self, activation: torch.Tensor) -> torch.Tensor:
@@ -265,40 +257,12 @@ class ModelAdapter:
             )
         return features.flatten(1), logits
 
-    @contextlib.contextmanager
-    def capture_image_embedding(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Within the block, every forward stores the image embedding in the yielded dict['embedding']."""
-        store: dict[str, torch.Tensor] = {}
-        if self.image_embedding_module is None:
-            self.require("classifier")
-
-            def read_input(module, args):
-                store["embedding"] = args[0]
-
-            handle = self.classifier_module.register_forward_pre_hook(read_input)
-        else:
-
-            def read_output(module, args, output):
-                store["embedding"] = output[0] if isinstance(output, (tuple, list)) else output
-
-            handle = self.image_embedding_module.register_forward_hook(read_output)
-        try:
-            yield store
-        finally:
-            handle.remove()
-
-    def image_embedding(self, model_inputs: dict) -> torch.Tensor:
-        """The image embedding (B, D) of a batch (one forward of `self.model`)."""
-        with self.capture_image_embedding() as store:
-            self.model(**model_inputs)
-        return store["embedding"].flatten(1)
-
     def enable_attention_maps(self) -> None:
         """Make the model return attention maps that carry gradients (`output_attentions=True` needs eager
         attention; SDPA and flash kernels return none). Fails clearly for a model without them."""
         if self.cam_method != "attention_rollout":
             raise UnsupportedModelError(
-                f"{type(self.model).__name__} ({self.family}) has no attention maps for attention rollout; its CAM "
+                f"{type(self.model).__name__} ({self.name}) has no attention maps for attention rollout; its CAM "
                 f"method is {self.cam_method!r}."
             )
         config = getattr(self.model, "config", None)
@@ -306,264 +270,25 @@ class ModelAdapter:
             self.model.set_attn_implementation("eager")
 
 
-_TRANSFORMER_FOLD_ERROR = (
-    "a transformer block's output is the residual stream, read by LayerNorms that normalise over all neurons, so "
-    "its eval-time mask cannot be folded into stock weights; use the 'pooled' position for an exportable model"
-)
+def __getattr__(name: str):
+    # FairDropout's position type was defined here before it moved to the method's package
+    if name == "FairDropoutPosition":
+        import warnings
 
+        warnings.warn("hf_robust.models.adapter.FairDropoutPosition moved to "
+                      "hf_robust.methods.fair_dropout.positions.FairDropoutPosition.", DeprecationWarning, stacklevel=2)
+        from ..methods.fair_dropout.positions import FairDropoutPosition
 
-def _stage_consumers(next_stage_convs: list[nn.Module | None], classifier: nn.Module | None, is_last: bool,
-                     stage_name: str):
-    """(consumers, fold_error) of a ResNet stage's output: the first block of the next stage (its first conv and
-    its shortcut conv), or the classifier after the global average pool."""
-    if is_last:
-        if classifier is None:
-            return (), f"no classifier reads the output of {stage_name}"
-        return (classifier,), None
-    first_conv, shortcut_conv = next_stage_convs
-    if shortcut_conv is None:
-        return (), (
-            f"the block after {stage_name} adds its input through an identity shortcut (no downsampling conv), so "
-            "the mask cannot be folded into a weight"
-        )
-    return (first_conv, shortcut_conv), None
-
-
-def _last_block(stage: nn.Module) -> nn.Module:
-    """The module whose output is a ResNet stage's output: its last block. (Hooks go there, not on the stage:
-    timm's activation checkpointing calls the blocks one by one, never the stage.)"""
-    if isinstance(stage, nn.Sequential) and len(stage):
-        return stage[-1]
-    return stage
-
-
-def _first_conv(module: nn.Module | None) -> nn.Module | None:
-    if module is None:
-        return None
-    return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def _patch_grid(config) -> tuple[int, int] | None:
-    """(h, w) patches of a ViT-like config (`image_size`, `patch_size`), if it has them."""
-    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-    if image is None or patch is None:
-        return None
-    image = tuple(image) if isinstance(image, (list, tuple)) else (image, image)
-    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
-    return image[0] // patch[0], image[1] // patch[1]
-
-
-def _hf_prefix_tokens(embeddings: nn.Module) -> int:
-    """Tokens before the patches in an HF ViT-like sequence: CLS, DeiT's distillation token, register tokens."""
-    count = 1
-    if isinstance(getattr(embeddings, "distillation_token", None), torch.Tensor):
-        count += 1
-    registers = getattr(embeddings, "register_tokens", None)
-    if isinstance(registers, torch.Tensor) and registers.ndim == 3:
-        count += registers.shape[1]
-    return count
-
-
-def _natural(name: str):
-    digits = "".join(ch for ch in name if ch.isdigit())
-    return (name.rstrip("0123456789"), int(digits) if digits else -1)
-
-
-def _timm_adapter(model: nn.Module, timm_model: nn.Module, family_prefix: str) -> ModelAdapter | None:
-    classifier = None
-    with contextlib.suppress(Exception):
-        classifier = _last_linear(timm_model.get_classifier())
-    # A ViT-like timm model: transformer blocks and prefix tokens
-    blocks = getattr(timm_model, "blocks", None)
-    if isinstance(blocks, nn.Sequential | nn.ModuleList) and hasattr(timm_model, "num_prefix_tokens"):
-        dim = getattr(timm_model, "embed_dim", None)
-        positions = {
-            f"block{i}": FairDropoutPosition(block, "output", "tokens", dim, fold_error=_TRANSFORMER_FOLD_ERROR)
-            for i, block in enumerate(blocks)
-        }
-        if classifier is not None:
-            positions["pooled"] = FairDropoutPosition(classifier, "input", "features", dim, consumers=(classifier,))
-        return ModelAdapter(
-            model=model,
-            family=f"{family_prefix}vit",
-            input_kind="image",
-            classifier_module=classifier,
-            cam_module=_first(blocks[-1], "norm1"),
-            cam_layout="tokens",
-            num_prefix_tokens=int(timm_model.num_prefix_tokens),
-            positions=positions,
-            default_positions=("pooled",) if classifier is not None else (),
-        )
-    # A ResNet-like timm model: layer1..layer4
-    stages = [getattr(timm_model, f"layer{i}", None) for i in range(1, 5)]
-    if all(isinstance(stage, nn.Module) for stage in stages):
-        info = {entry["module"]: entry["num_chs"] for entry in getattr(timm_model, "feature_info", [])}
-        positions = {}
-        for i, stage in enumerate(stages):
-            following = stages[i + 1][0] if i < 3 else None
-            consumers, fold_error = _stage_consumers(
-                [getattr(following, "conv1", None), _first_conv(getattr(following, "downsample", None))],
-                classifier, i == 3, f"layer{i + 1}",
-            )
-            positions[f"dp{i + 2}"] = FairDropoutPosition(
-                _last_block(stage), "output", "channels", info.get(f"layer{i + 1}"), consumers=consumers,
-                fold_error=fold_error,
-            )
-        return ModelAdapter(
-            model=model,
-            family=f"{family_prefix}resnet",
-            input_kind="image",
-            classifier_module=classifier,
-            cam_module=_last_block(stages[-1]),  # a hook on the stage never fires under gradient checkpointing
-            positions=positions,
-            default_positions=("dp4",),
-            selection_positions=("dp4", "dp3"),
-        )
-    return None
-
-
-def _hf_adapter(model: nn.Module) -> ModelAdapter | None:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        return None
-    if model_type == "timm_wrapper" and hasattr(model, "timm_model"):
-        return _timm_adapter(model, model.timm_model, "timm_wrapper_")
-    if model_type == "clip_zero_shot":  # hf_robust.models.clip.CLIPZeroShotClassifier
-        vision_config = config.vision_config
-        blocks = model.vision_model.encoder.layers
-        dim = config.projection_dim
-        positions = {
-            f"block{i}": FairDropoutPosition(b, "output", "tokens", vision_config.hidden_size,
-                                             fold_error=_TRANSFORMER_FOLD_ERROR)
-            for i, b in enumerate(blocks)
-        }
-        positions["pooled"] = FairDropoutPosition(model.classifier, "input", "features", dim, consumers=(model.classifier,))
-        return ModelAdapter(
-            model=model,
-            family="clip_zero_shot",
-            input_kind="image",
-            classifier_module=model.classifier,
-            cam_module=blocks[-1].layer_norm1,
-            cam_layout="tokens",
-            num_prefix_tokens=1,
-            positions=positions,
-            default_positions=("pooled",),
-            cam_method="attention_rollout",
-            patch_grid=_patch_grid(vision_config),
-            # f = the projected CLIP image embedding before normalisation (the head reads it normalised)
-            image_embedding_module=model.visual_projection,
-        )
-    if model_type == "hf_robust_mnist_cnn":  # hf_robust.models.mnist_cnn: MaskTune's biased-MNIST CNN
-        convs = [model.conv1, model.conv2, model.conv3, model.conv4]
-        width = [c[0].out_channels for c in convs]
-        flatten_error = ("the last block's map is flattened into the head's first Linear (channels x positions), so a "
-                         "channel mask is not one weight column")
-        positions = {
-            # after each conv block's ReLU (channels); the next block's conv reads it (through a max-pool after
-            # conv2, which keeps a zeroed channel zero)
-            **{f"conv{i + 1}": FairDropoutPosition(convs[i], "output", "channels", width[i],
-                                                  consumers=(convs[i + 1][0],)) for i in range(3)},
-            "conv4": FairDropoutPosition(convs[3], "output", "channels", width[3], fold_error=flatten_error),
-            # the hidden features the classifier reads (as a ResNet's pooled features)
-            "hidden": FairDropoutPosition(model.classifier, "input", "features", model.classifier.in_features,
-                                          consumers=(model.classifier,)),
-        }
-        return ModelAdapter(
-            model=model,
-            family="mnist_cnn",
-            input_kind="image",
-            classifier_module=_last_linear(model.classifier),
-            cam_module=model.conv4,  # the last conv block (its ReLU): 8x8 at 28x28, the authors' backbone[-3]
-            positions=positions,
-            default_positions=("conv3",),
-            selection_positions=("conv3", "hidden"),
-        )
-    if model_type == "clip":
-        raise UnsupportedModelError(
-            "A CLIPModel is an image-text model, not a classifier: build its zero-shot classifier with "
-            "hf_robust.models.clip.CLIPZeroShotClassifier.from_clip(clip_model, tokenizer, class_names) (or "
-            "hf_robust.models.clip.load_clip_zero_shot(name_or_path, class_names))."
-        )
-    if model_type == "resnet" and _get(model, "resnet.encoder.stages") is not None:
-        stages = model.resnet.encoder.stages
-        sizes = list(getattr(config, "hidden_sizes", [None] * len(stages)))
-        classifier = _last_linear(getattr(model, "classifier", None))
-        positions = {}
-        for i, stage in enumerate(stages):
-            following = stages[i + 1].layers[0] if i + 1 < len(stages) else None
-            consumers, fold_error = _stage_consumers(
-                [_first_conv(getattr(following, "layer", None)), _first_conv(getattr(following, "shortcut", None))],
-                classifier, following is None, f"stage {i + 1}",
-            )
-            positions[f"dp{i + 2}"] = FairDropoutPosition(
-                _last_block(stage.layers), "output", "channels", sizes[i], consumers=consumers, fold_error=fold_error
-            )
-        return ModelAdapter(
-            model=model,
-            family="hf_resnet",
-            input_kind="image",
-            classifier_module=classifier,
-            cam_module=stages[-1],
-            positions=positions,
-            default_positions=("dp4",) if "dp4" in positions else (),
-            selection_positions=tuple(p for p in ("dp4", "dp3") if p in positions),
-        )
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    embeddings = _get(backbone, "embeddings") if backbone is not None else None
-    if embeddings is not None and hasattr(embeddings, "patch_embeddings"):  # ViT-like
-        blocks = _first(backbone, "encoder.layer", "encoder.layers", "layers")
-        if blocks is None:
-            return None
-        classifier = _last_linear(getattr(model, "classifier", None))
-        dim = getattr(config, "hidden_size", None)
-        positions = {
-            f"block{i}": FairDropoutPosition(b, "output", "tokens", dim, fold_error=_TRANSFORMER_FOLD_ERROR)
-            for i, b in enumerate(blocks)
-        }
-        if classifier is not None:
-            positions["pooled"] = FairDropoutPosition(classifier, "input", "features", dim, consumers=(classifier,))
-        return ModelAdapter(
-            model=model,
-            family=f"hf_{model_type}",
-            input_kind="image",
-            classifier_module=classifier,
-            cam_module=_first(blocks[-1], "layernorm_before", "norm1", "layer_norm1"),
-            cam_layout="tokens",
-            num_prefix_tokens=_hf_prefix_tokens(embeddings),
-            positions=positions,
-            default_positions=("pooled",) if classifier is not None else (),
-            cam_method="attention_rollout" if hasattr(model, "set_attn_implementation") else "xgradcam",
-            patch_grid=_patch_grid(config),
-        )
-    if hasattr(model, "get_input_embeddings") and getattr(config, "is_encoder_decoder", False) is False:
-        head = getattr(model, "classifier", None) or getattr(model, "score", None)
-        classifier = _last_linear(head)
-        if classifier is None:
-            return None
-        dim = active_module(classifier).in_features
-        positions = {
-            "pooled": FairDropoutPosition(classifier, "input", "features", dim, consumers=(classifier,)),
-            # `fc`: FairDropout on a new linear projection inserted before the classifier (SPEC 4.3); with no
-            # nonlinearity in between, projection + mask + classifier fold into one Linear on export
-            "fc": FairDropoutPosition(classifier, "input", "features", dim, projection=True, consumers=(classifier,)),
-        }
-        return ModelAdapter(
-            model=model,
-            family=f"hf_{model_type}",
-            input_kind="text",
-            classifier_module=classifier,
-            embedding_module=model.get_input_embeddings(),
-            positions=positions,
-            default_positions=("fc",),
-            selection_positions=("fc", "pooled"),
-            main_input_name="input_ids",
-        )
-    return None
+        return FairDropoutPosition
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_adapter(
-    model: nn.Module, *, classifier: str | None = None, target_layer: str | None = None
+    model: nn.Module,
+    *,
+    classifier: str | None = None,
+    target_layer: str | None = None,
+    input_kind: str | None = None,
 ) -> ModelAdapter:
     """The adapter for `model` (peft and DDP wrappers are looked through).
 
@@ -571,25 +296,34 @@ def get_adapter(
         classifier: name of the last linear layer (as in `model.named_modules()` of the unwrapped model), for
             models hf_robust does not know or to override its choice.
         target_layer: name of the CAM target layer, likewise.
+        input_kind: `"image"` or `"text"`, for a model hf_robust does not know; by default read from the inputs
+            its forward takes (`input_ids` / `pixel_values`), else its `main_input_name`, else `"image"`.
     """
+    from .families import custom_adapter, find_adapter
+
+    if input_kind is not None and input_kind not in INPUT_KINDS:
+        raise ValueError(f"input_kind={input_kind!r}: expected one of {INPUT_KINDS}.")
     base = unwrap_model(model)
-    adapter = _hf_adapter(base)
-    if adapter is None and hasattr(base, "pretrained_cfg") and hasattr(base, "forward_head"):
-        adapter = _timm_adapter(base, base, "timm_")
+    adapter = find_adapter(base)
     if adapter is None:
-        adapter = ModelAdapter(
-            model=base, family="custom", input_kind="image", classifier_module=None
-        )
         if classifier is None and target_layer is None:
             raise UnsupportedModelError(
                 f"hf_robust has no adapter for {type(base).__name__}: it knows HF BERT-style encoders, HF ViT, "
                 "HF ResNet and timm ResNet/ViT models (raw or in TimmWrapperForImageClassification). For another "
                 "model pass classifier='<name of its last nn.Linear>' (needed by every method) and "
-                "target_layer='<name of its CAM layer>' (needed by MaskTune) to get_adapter()."
+                "target_layer='<name of its CAM layer>' (needed by MaskTune) to get_adapter() (and input_kind= "
+                "if its forward takes neither input_ids nor pixel_values)."
             )
+        adapter = custom_adapter(base, input_kind)
+    elif input_kind is not None and input_kind != adapter.input_kind:
+        raise UnsupportedModelError(
+            f"input_kind={input_kind!r}, but {type(base).__name__} ({adapter.name}) is a model of "
+            f"{adapter.input_kind} inputs."
+        )
     adapter.model = base
     modules = dict(base.named_modules())
-    for argument, name, attribute in (("classifier", classifier, "classifier_module"), ("target_layer", target_layer, "cam_module")):
+    for argument, name, attribute in (("classifier", classifier, "classifier_module"),
+                                      ("target_layer", target_layer, "cam_module")):
         if name is None:
             continue
         if name not in modules:

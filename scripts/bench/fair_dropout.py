@@ -205,9 +205,10 @@ def timing(repeats: int = 30, position: str = "dp4") -> dict:
         def grab(module, args, output):
             features["shape"] = tuple(output.shape)
 
+        from hf_robust.methods.fair_dropout.positions import get_position
         from hf_robust.models.adapter import get_adapter
 
-        hook = get_adapter(fd).fair_dropout_position(position).module.register_forward_hook(grab)
+        hook = get_position(get_adapter(fd), position).module.register_forward_hook(grab)
         fd.eval()(pixel_values=batch["pixel_values"][:2])
         hook.remove()
     _, channels, height, width = features["shape"]

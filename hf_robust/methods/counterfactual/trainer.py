@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ...models.adapter import get_adapter, unwrap_model
 from ...explain.cam import xgradcam
 from .counterfactuals import MASK_STRATEGIES, REFILL_STRATEGIES, make_counterfactuals
+from .embedding import image_embedding
 from ...data.core import DataValidationError
 from ...explain.rollout import gradient_weighted_rollout, normalize_by_max, patch_relevance_map, rollout_relevance
 from .wise_ft import interpolate_state_dicts
@@ -134,7 +135,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
         inference mode, in the teacher's dtype)."""
         dtype = next(self.teacher_adapter.model.parameters()).dtype
         with torch.inference_mode():
-            embedding = self.teacher_adapter.image_embedding({"pixel_values": pixel_values.to(dtype)}).float()
+            embedding = image_embedding(self.teacher_adapter, {"pixel_values": pixel_values.to(dtype)}).float()
         return embedding.clone()  # a normal tensor: the loss may save it for its backward
 
     def _check_teacher(self, student, teacher) -> None:
@@ -142,7 +143,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
         batch = self._prepare_inputs(self.eval_collator([self.train_dataset[0]]))
         inputs = {"pixel_values": batch["pixel_values"]}
         with torch.no_grad(), self.eval_mode(student):
-            f_student = self.adapter.image_embedding(inputs)
+            f_student = image_embedding(self.adapter, inputs)
             try:
                 f_teacher = self.teacher_embedding(inputs["pixel_values"])
             except Exception as error:
@@ -402,7 +403,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
 
         counterfactual, mask = self.counterfactuals(pixel_values, cam)
         # through the unwrapped student: DDP sees one forward per step, the backward reduces both
-        f_student = self.adapter.image_embedding({"pixel_values": counterfactual})
+        f_student = image_embedding(self.adapter, {"pixel_values": counterfactual})
         f_teacher = self.teacher_embedding(counterfactual)
         distill = F.mse_loss(f_student.float(), f_teacher)
         loss = ce + self.distill_weight * distill

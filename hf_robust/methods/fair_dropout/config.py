@@ -17,10 +17,11 @@ class FairDropoutTrainingConfig(RobustConfig):
 
     Parameters that control FairDropout (see `hf_robust.methods.fair_dropout.inject.FairDropoutConfig`):
         fair_dropout_positions (`list[str]` or `None`, *optional*):
-            Position names from the model's adapter: ResNet `dp2`..`dp5` (after stage 1..4), BERT-style `pooled`
-            (the classifier's input) or `fc` (a new linear projection before the classifier), ViT `block{i}` or
-            `pooled`. Default: `dp4` for ResNets (after the third stage, the paper's CelebA run), `fc` for text
-            encoders, `pooled` for ViTs. The paper tunes the position by worst-class validation accuracy.
+            Position names of the model's family (`hf_robust.methods.fair_dropout.positions`): ResNet `dp2`..`dp5`
+            (after stage 1..4), BERT-style `pooled` (the classifier's input) or `fc` (a new linear projection
+            before the classifier), ViT `block{i}` or `pooled`. Default: `dp4` for ResNets (after the third
+            stage, the paper's CelebA run), `fc` for text encoders, `pooled` for ViTs. The paper tunes the position
+            by worst-class validation accuracy.
         p_gen (`float` or `None`, *optional*):
             Fraction of generalising (always-on) neurons at each position: the first `round(p_gen * C)`.
             `p_gen=1` is plain ERM. Default: chosen by the selection (below); 0.2 when it is off.
@@ -41,7 +42,7 @@ class FairDropoutTrainingConfig(RobustConfig):
             CelebA 0.2 / 0.2.
         selection_positions (`list[str]` or `None`, *optional*):
             Positions the selection tries, each alone, when `fair_dropout_positions` is unset. Default: the
-            adapter's two (ResNet `dp4`, `dp3`; BERT-style `fc`, `pooled`; MNIST CNN `conv3`, `hidden`; ViT
+            family's two (ResNet `dp4`, `dp3`; BERT-style `fc`, `pooled`; MNIST CNN `conv3`, `hidden`; ViT
             `pooled` only). The paper searches {dp2, dp3, dp4, dp5} on ResNet-50 and {logits, fc} on BERT; we keep
             two per family to bound the cost.
         fair_dropout_seed (`int` or `None`, *optional*):
@@ -61,7 +62,7 @@ class FairDropoutTrainingConfig(RobustConfig):
     fair_dropout_positions: list[str] | None = field(
         default=None,
         metadata={"help": "FairDropout positions (ResNet dp2..dp5, BERT pooled/fc, ViT block{i}/pooled); default: "
-                          "the adapter's (ResNet dp4, BERT fc, ViT pooled)."},
+                          "the family's (ResNet dp4, BERT fc, ViT pooled)."},
     )
     p_gen: float | None = field(
         default=None, metadata={"help": "Fraction of generalising (always-on) neurons (default: selected; 0.2)."}
@@ -77,7 +78,7 @@ class FairDropoutTrainingConfig(RobustConfig):
     selection_positions: list[str] | None = field(
         default=None,
         metadata={"help": "Positions the selection tries, each alone, when fair_dropout_positions is unset (default: "
-                          "the adapter's: ResNet dp4,dp3; BERT fc,pooled; MNIST CNN conv3,hidden; ViT pooled)."},
+                          "the family's: ResNet dp4,dp3; BERT fc,pooled; MNIST CNN conv3,hidden; ViT pooled)."},
     )
     fair_dropout_seed: int | None = field(default=None, metadata={"help": "Seed of the masks (default: seed)."})
     rescale_generalising: bool = field(

@@ -8,10 +8,11 @@
     stock = export_fair_dropout(model)   # the same eval outputs, no hooks: save_pretrained / timm state dict
 
 How it sits in a model (no change to its class or forward signature):
-- one parameter-free `FairDropout` layer per named position (the adapters list them: ResNet `dp2..dp5` after
-  stage 1..4, ViT `block{i}` / `pooled`, BERT `pooled` / `fc`), applied by a forward hook on the module's output
-  or a forward pre-hook on the classifier's input; `fc` inserts a NEW Linear(D, D) projection there and applies
-  FairDropout to its output (the paper's choice for BERT-like models: the pretrained features stay intact);
+- one parameter-free `FairDropout` layer per named position (`positions.POSITIONS` lists them per model
+  family: ResNet `dp2..dp5` after stage 1..4, ViT `block{i}` / `pooled`, BERT `pooled` / `fc`), applied by a
+  forward hook on the module's output or a forward pre-hook on the classifier's input; `fc` inserts a NEW
+  Linear(D, D) projection there and applies FairDropout to its output (the paper's choice for BERT-like models:
+  the pretrained features stay intact);
 - the layers live in a submodule `model.fair_dropout`, so `model.train()` / `model.eval()` switch them and the
   projection's weights are saved, trained, moved and checkpointed with the model;
 - a top-level forward pre-hook takes `example_idx` out of the call's keyword arguments and keeps it as the
@@ -45,9 +46,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...models.adapter import EXAMPLE_IDX_FLAG, UnsupportedModelError, _natural, active_module, get_adapter, unwrap_model
 from ...core.files import publish
+from ...models.adapter import EXAMPLE_IDX_FLAG, UnsupportedModelError, active_module, get_adapter, unwrap_model
 from .layer import FairDropout, num_generalising, position_seed
+from .positions import default_positions, get_position, natural_order, positions_for
 
 CONFIG_NAME = "fair_dropout_config.json"
 ATTRIBUTE = "fair_dropout"
@@ -58,9 +60,9 @@ class FairDropoutConfig:
     """Where and how FairDropout acts (saved as `fair_dropout_config.json`).
 
     Args:
-        positions: position names from the model's adapter (e.g. `["dp4"]`, `["fc"]`, `["pooled"]`); `None` = the
-            adapter's default (ResNet `dp4`, after the third stage as in the paper's CelebA run; BERT `fc`;
-            ViT `pooled`).
+        positions: position names of the model's family (`positions.POSITIONS`; e.g. `["dp4"]`, `["fc"]`,
+            `["pooled"]`); `None` = the family's default (ResNet `dp4`, after the third stage as in the paper's
+            CelebA run; BERT `fc`; ViT `pooled`).
         p_gen: fraction of generalising (always-on) neurons at each position, `round(p_gen * C)` of them.
         p_mem: probability that a memorising neuron is kept for an example in training.
         seed: seed of the example-tied masks (each position mixes in its name).
@@ -213,7 +215,7 @@ def _new_projection(dim: int, reference: nn.Module, seed: int) -> nn.Linear:
 
 def _positions(base: nn.Module, names: list[str]):
     adapter = get_adapter(base)
-    return adapter, {name: adapter.fair_dropout_position(name) for name in names}  # unknown -> lists valid ones
+    return adapter, {name: get_position(adapter, name) for name in names}  # unknown -> lists valid ones
 
 
 def _attach(model: nn.Module, modules: FairDropoutModules) -> None:
@@ -263,20 +265,21 @@ def inject_fair_dropout(model: nn.Module, config: FairDropoutConfig | None = Non
             "remove_fair_dropout(model) first."
         )
     adapter = get_adapter(base)
-    names = config.positions or list(adapter.default_positions)
+    names = config.positions or list(default_positions(adapter))
     if not names:
         raise UnsupportedModelError(
-            f"{type(base).__name__} ({adapter.family}) has no default FairDropout position: name one of "
-            f"{sorted(adapter.positions, key=_natural)}."
+            f"{type(base).__name__} ({adapter.name}) has no default FairDropout position: name one of "
+            f"{sorted(positions_for(adapter), key=natural_order)}."
         )
     _, positions = _positions(base, names)
     if base is not model and hasattr(model, "peft_config"):
         added = [name for name, position in positions.items() if position.projection]
         if added:  # peft saves its adapters and modules_to_save, not a layer added after it wrapped the model
+            every = positions_for(adapter)
             raise UnsupportedModelError(
                 f"FairDropout at {added} adds a new trained projection, which a peft model would not save (only "
                 "its adapters and modules_to_save are). On a peft model use a position without one (e.g. "
-                f"{[n for n in sorted(adapter.positions, key=_natural) if not adapter.positions[n].projection]})."
+                f"{[n for n in sorted(every, key=natural_order) if not every[n].projection]})."
             )
     for name, position in positions.items():  # a layer with no generalising neuron fails here, not at evaluation
         dim = position.num_features or (active_module(position.module).in_features if position.projection else None)
@@ -384,7 +387,8 @@ def export_fair_dropout(model: nn.Module, inplace: bool = False) -> nn.Module:
     blocked = {name: p.fold_error for name, p in positions.items() if p.fold_error or not p.consumers}
     if blocked:
         reasons = "; ".join(f"{name}: {reason or 'no layer reads it'}" for name, reason in blocked.items())
-        foldable = sorted((n for n, p in adapter.positions.items() if p.consumers and not p.fold_error), key=_natural)
+        foldable = sorted((n for n, p in positions_for(adapter).items() if p.consumers and not p.fold_error),
+                          key=natural_order)
         raise UnsupportedModelError(
             f"Cannot export FairDropout of {type(base).__name__} to a stock model ({reasons}). Positions that "
             f"export: {foldable}. The injected model itself still runs (save it with its {CONFIG_NAME})."

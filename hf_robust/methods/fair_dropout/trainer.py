@@ -119,18 +119,20 @@ class FairDropoutTrainer(RobustTrainer):
     # ------------------------------------------------------------------ label-free selection
     def selection_positions(self) -> list[list[str]]:
         """The position sets the selection tries: the named positions (not searched), else each of
-        `selection_positions` (default: the adapter's two for the family) alone."""
+        `selection_positions` (default: the family's two, `positions.POSITIONS`) alone."""
         if self.args.fair_dropout_positions:
             return [list(self.args.fair_dropout_positions)]
         from ...models.adapter import get_adapter
+        from .positions import positions_for, selection_positions
 
         adapter = get_adapter(self.accelerator.unwrap_model(self.model))
-        names = self.args.selection_positions or list(adapter.selection_positions or adapter.default_positions)
-        unknown = [n for n in names if n not in adapter.positions]
+        names = self.args.selection_positions or list(selection_positions(adapter))
+        known = positions_for(adapter)
+        unknown = [n for n in names if n not in known]
         if unknown:
             raise UnsupportedModelError(
                 f"selection_positions={names}: {unknown} is not a FairDropout position of this "
-                f"{adapter.family} model; its positions are {sorted(adapter.positions)}."
+                f"{adapter.name} model; its positions are {sorted(known)}."
             )
         return [[name] for name in names]
 
