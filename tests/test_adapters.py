@@ -145,7 +145,7 @@ def test_unknown_fair_dropout_position_lists_valid_ones():
 
 def test_timm_resnet_cam_under_activation_checkpointing():
     """timm runs a checkpointed stage block by block: the CAM hook sits on the last block, which still runs."""
-    from hf_robust.methods.masktune.trainer import image_masks
+    from hf_robust.methods.masktune.masks import image_masks
 
     model, _ = make_model("timm_wrapper_resnet")
     model.eval()

@@ -1,4 +1,5 @@
-"""MaskTune (Taghanaki et al., NeurIPS 2022): mask what the ERM model looks at, then fine-tune for one epoch.
+"""MaskTune (Taghanaki et al., "MaskTune: Mitigating Spurious Correlations by Forcing to Explore", NeurIPS 2022,
+arXiv:2210.00055): mask what the ERM model looks at, then fine-tune for one epoch.
 
 Stages: `erm` (or `erm_checkpoint`) [-> `select`] -> `masks_1` -> `finetune_1` [-> `masks_2` -> `finetune_2` ...] ->
 `selective`.
@@ -11,6 +12,7 @@ Stages: `erm` (or `erm_checkpoint`) [-> `select`] -> `masks_1` -> `finetune_1` [
   across processes by `example_idx`; stored as packed bits (`MaskStore`). Text models: gradient x input on the
   token embeddings, top tokens replaced by the mask token (beyond the paper).
   With `mask_method="random"`: RandMask, the paper's baseline, one random square window per image instead.
+  The per-batch mask computations and the store are in `masks`.
 - finetune: the ERM model trained for exactly one epoch on the masked training set (masked pixels black, before
   augmentation), at a small constant learning rate (default: ERM's final learning rate).
 - selective: the ERM x MaskTune ensemble as a selective classifier (paper section 2.2), thresholds calibrated
@@ -31,54 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...models.adapter import UnsupportedModelError
-from ...explain.cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
+from ...explain.cam import xgradcam
 from ...data.core import DataValidationError
-from .masks import MaskStore, random_window_masks
+from .masks import MaskStore, cam_at_input_size, image_masks, random_window_masks, token_masks
 from .selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
 from ...core.health import selection_score
 from ...core.trainer import RobustTrainer, Stage, frozen_norm_statistics
 from .config import MaskTuneConfig
 
 logger = logging.getLogger(__name__)
-
-
-def image_masks(model, adapter, pixel_values: torch.Tensor, k: float = 2.0) -> torch.Tensor:
-    """MaskTune's masks for a batch of images: (B, H, W) bool at the input resolution."""
-    if pixel_values.ndim != 4:
-        raise DataValidationError(
-            f"Image masking needs pixel_values of shape (B, C, H, W); got a tensor of shape {tuple(pixel_values.shape)}."
-        )
-    cam, _ = xgradcam(model, adapter, {"pixel_values": pixel_values})
-    if cam.shape[-2] * cam.shape[-1] == 1:
-        raise UnsupportedModelError(
-            f"The CAM layer of {type(adapter.model).__name__} gives a 1x1 map for {tuple(pixel_values.shape[-2:])} "
-            "inputs: it cannot point at any region, so MaskTune would mask nothing. Use larger inputs (e.g. the "
-            "model's pre-training resolution) or cam_target_layer= an earlier layer with a larger map."
-        )
-    return threshold_masks(cam_at_input_size(cam, tuple(pixel_values.shape[-2:])), k)
-
-
-def cam_at_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Min-max normalised, bilinearly upsampled to `size`, normalised again: the maps the `grad-cam` package
-    (the authors' code) returns, whose upsampling moves the extremes slightly off 0 and 1."""
-    return normalize_per_image(upsample(normalize_per_image(cam), size))
-
-
-def token_masks(model, adapter, model_inputs: dict, special_ids: list[int], k: float = 2.0, min_tokens: int = 1):
-    """Masks over token positions (B, T) bool: tokens whose gradient x input attribution exceeds the threshold,
-    and at least the `min_tokens` best positive ones; never padding or special tokens."""
-    scores, _ = token_attributions(model, adapter, model_inputs)
-    input_ids = model_inputs["input_ids"]
-    valid = model_inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
-    valid &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
-    masks = threshold_masks(scores, k, valid)
-    if min_tokens > 0:
-        ranked = torch.where(valid & (scores > 0), scores, torch.full_like(scores, -float("inf")))
-        top = ranked.topk(min(min_tokens, scores.shape[1]), dim=1)
-        chosen = torch.zeros_like(masks).scatter(1, top.indices, top.values > -float("inf"))
-        masks |= chosen
-    return masks
 
 
 class MaskTuneTrainer(RobustTrainer):
