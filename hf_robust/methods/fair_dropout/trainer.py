@@ -353,7 +353,7 @@ class FairDropoutDFRTrainer(FairDropoutTrainer):
         return {**super().results(), **self.last_layer.results()}
 
     def write_report(self, output_dir: str | None = None) -> None:
-        self.last_layer.write_plots(Path(output_dir or self.args.output_dir))  # before the card lists the plots
+        self.last_layer.write_plots(output_dir)  # before the card lists the plots
         super().write_report(output_dir)
 
     def health_dataset(self):

@@ -3,8 +3,6 @@ trainer GradTune and DFR share; each names its config, its paper and its `LastLa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ...core.trainer import RobustTrainer, Stage
 from ...data.core import DataValidationError
 from .retraining import LastLayerRetraining, LastLayerRule
@@ -38,7 +36,7 @@ class LastLayerTrainer(RobustTrainer):
         return {**super().results(), **self.last_layer.results()}
 
     def write_report(self, output_dir: str | None = None) -> None:
-        self.last_layer.write_plots(Path(output_dir or self.args.output_dir))  # before the card lists the plots
+        self.last_layer.write_plots(output_dir)  # before the card lists the plots
         super().write_report(output_dir)
 
     def health_dataset(self):
