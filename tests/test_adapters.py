@@ -240,7 +240,7 @@ def test_method_knowledge_left_the_adapter_and_says_where_it_went():
 
 def test_timm_resnet_cam_under_activation_checkpointing():
     """timm runs a checkpointed stage block by block: the CAM hook sits on the last block, which still runs."""
-    from hf_robust.methods.masktune.trainer import image_masks
+    from hf_robust.methods.masktune.masks import image_masks
 
     model, _ = make_model("timm_wrapper_resnet")
     model.eval()

@@ -483,7 +483,7 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
                                    erm_checkpoint=str(fairdropout_dir))
     config = adopted.fair_dropout_config
     assert (config.positions, config.p_gen, config.p_mem) == (["dp3", "dp5"], 0.25, 0.3) and not adopted.selects
-    data = trainer.last_layer_data
+    data = trainer.last_layer.data
     g = int(round(0.25 * data.features.shape[1]))
     assert (data.features[:, g:] == 0).all() and (data.features[:, :g] != 0).any()  # eval-mode features
     head = trainer.load_stage_tensors(trainer.stage_dir("last_layer"), "head")

@@ -16,14 +16,11 @@ from hf_robust.models.adapter import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
 from hf_robust.methods import DFRConfig, DFRTrainer, GradTuneConfig, GradTuneTrainer
 from hf_robust.core.trainer import maybe_wrap_timm
-from hf_robust.methods.last_layer.mixin import (
-    balanced_subsets,
-    fit_logistic_l1,
-    last_layer_gradient_norms,
-    select_by_gradient_norm,
-    split_heldout,
-    train_linear_head,
-)
+from hf_robust.methods.dfr.rule import balanced_subsets, fit_logistic_l1
+from hf_robust.methods.gradtune.rule import select_by_gradient_norm
+from hf_robust.methods.last_layer.linear_head import train_linear_head
+from hf_robust.methods.last_layer.retraining import LastLayerRetraining
+from hf_robust.methods.last_layer.scores import last_layer_gradient_norms, split_heldout
 
 
 # ----------------------------------------------------------------------------- closed-form gradient norms
@@ -277,9 +274,9 @@ def test_gradtune_stages_selection_and_written_head(gt_run, small_digits):
     trainer = gt_run
     assert trainer.finished_stages == ["erm", "heldout", "scores", "select", "last_layer"]
     validation = small_digits["validation"]
-    held, selection = trainer.heldout_idx, trainer.selection_idx
+    held, selection = trainer.last_layer.heldout_idx, trainer.last_layer.selection_idx
     assert len(held) == 48 and len(selection) == 48
-    data = trainer.last_layer_data
+    data = trainer.last_layer.data
     assert torch.equal(data.example_idx, torch.sort(torch.tensor(validation["example_idx"])).values)
     # the cached features are the ERM model's, and the norms their closed form
     from safetensors.torch import load_file
@@ -295,7 +292,7 @@ def test_gradtune_stages_selection_and_written_head(gt_run, small_digits):
     torch.testing.assert_close(data.norms[:8], last_layer_gradient_norms(features, logits, batch["labels"]),
                                rtol=1e-4, atol=1e-6)
     # the selection: 30 held-out examples, the top 24 norms among them
-    chosen = trainer.finetune_sets[0]
+    chosen = trainer.last_layer.finetune_sets[0]
     assert len(chosen) == 30 and set(chosen.tolist()) <= set(held.tolist())
     held_norms = data.norms[data.rows(held)]
     assert set(held[held_norms.argsort(descending=True)[:24]].tolist()) <= set(chosen.tolist())
@@ -324,30 +321,31 @@ def test_gradtune_stages_selection_and_written_head(gt_run, small_digits):
 
 def test_gradtune_resume_after_scores_does_not_recompute_them(tmp_path, small_digits, gt_run, monkeypatch):
     calls = {"score": 0}
-    original = GradTuneTrainer._score_batch
+    original = LastLayerRetraining._score_batch
 
     def counting(self, model, batch):
         calls["score"] += 1
         return original(self, model, batch)
 
-    monkeypatch.setattr(GradTuneTrainer, "_score_batch", counting)
+    monkeypatch.setattr(LastLayerRetraining, "_score_batch", counting)
     erm = str(gt_run.stage_dir("erm"))  # the module run's ERM weights: no second ERM training
     trainer = gt_trainer(tmp_path, small_digits, erm_checkpoint=erm)
-    monkeypatch.setattr(GradTuneTrainer, "_run_select", lambda self, d, r: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(LastLayerRetraining, "_run_select",
+                        lambda self, d, r: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert calls["score"] > 0 and trainer.stage_finished("scores") and not trainer.stage_finished("select")
     first = calls["score"]
     monkeypatch.undo()
-    monkeypatch.setattr(GradTuneTrainer, "_score_batch", counting)
+    monkeypatch.setattr(LastLayerRetraining, "_score_batch", counting)
     resumed = gt_trainer(tmp_path, small_digits, erm_checkpoint=erm)
     resumed.train(resume_from_checkpoint=True)
     assert calls["score"] == first  # not one more scoring batch
     assert resumed.skipped_stages == ["erm", "heldout", "scores"]
     assert "ERM" in resumed.stage_results
     # same seed, same settings: the same scores, the same selection and head as the uninterrupted run
-    torch.testing.assert_close(resumed.last_layer_data.norms, gt_run.last_layer_data.norms)
-    assert torch.equal(resumed.finetune_sets, gt_run.finetune_sets)
+    torch.testing.assert_close(resumed.last_layer.data.norms, gt_run.last_layer.data.norms)
+    assert torch.equal(resumed.last_layer.finetune_sets, gt_run.last_layer.finetune_sets)
     torch.testing.assert_close(resumed.adapter.classifier.weight, gt_run.adapter.classifier.weight)
     # a finished run resumed: every stage skipped, the head restored into the model
     again = gt_trainer(tmp_path, small_digits, erm_checkpoint=erm)
@@ -365,7 +363,7 @@ def test_gradtune_from_erm_checkpoint_and_reset(tmp_path, small_digits):
     backbone = {k: v for k, v in model.state_dict().items() if "fc." not in k}
     state = trainer.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in backbone.items())  # backbone untouched
-    info = trainer.last_layer_info
+    info = trainer.last_layer.info
     assert info["reset_last_layer"] and [h["epoch"] for h in info["history"]] == [0, 20, 40, 60, 80, 100]
     assert info["history"][0]["worst_class_accuracy"] == 0.0  # the zero head predicts one class
     best = max(h["worst_class_accuracy"] for h in info["history"])
@@ -383,7 +381,7 @@ def test_gradtune_and_dfr_run_without_group_labels(tmp_path, small_digits):
     trainer = gt_trainer(tmp_path, data, last_layer_epochs=20)
     trainer.train()
     trainer.save_model()
-    composition = trainer.selection_composition()["per_group"]
+    composition = trainer.last_layer.selection_composition()["per_group"]
     assert set(composition) == {"digit 0-4 (group unknown)", "digit 5-9 (group unknown)"}
     assert (Path(trainer.args.output_dir) / "plots" / "gradient_norms.png").is_file()
     model, processor = make_model("timm_wrapper_resnet")
@@ -391,8 +389,8 @@ def test_gradtune_and_dfr_run_without_group_labels(tmp_path, small_digits):
                                          erm_checkpoint=str(trainer.stage_dir("erm"))),
                      train_dataset=data["train"], eval_dataset={"validation": data["validation"]})
     dfr.train()
-    rows = dfr.last_layer_data.rows(dfr.finetune_sets[0])
-    counts = torch.bincount(dfr.last_layer_data.labels[rows]).tolist()
+    rows = dfr.last_layer.data.rows(dfr.last_layer.finetune_sets[0])
+    counts = torch.bincount(dfr.last_layer.data.labels[rows]).tolist()
     assert counts[0] == counts[1]  # class-balanced
     with pytest.raises(DataValidationError, match="dfr_balance='group'.*unknown group"):
         DFRTrainer(make_model("timm_wrapper_resnet")[0], quick_config(DFRConfig, tmp_path / "d2", dfr_balance="group"),
@@ -411,20 +409,20 @@ def test_dfr_group_and_class_balanced_subsets(tmp_path, small_digits):
             train_dataset=small_digits["train"], eval_dataset={"validation": small_digits["validation"]},
         )
         trainer.train()
-        data = trainer.last_layer_data
-        held = data.rows(trainer.heldout_idx)
+        data = trainer.last_layer.data
+        held = data.rows(trainer.last_layer.heldout_idx)
         keys = data.groups if balance == "group" else data.labels
         n_min = torch.bincount(keys[held]).min().item()
-        assert trainer.finetune_sets.shape == (3, n_min * len(torch.unique(keys[held])))
-        for subset in trainer.finetune_sets:
+        assert trainer.last_layer.finetune_sets.shape == (3, n_min * len(torch.unique(keys[held])))
+        for subset in trainer.last_layer.finetune_sets:
             assert set(torch.bincount(keys[data.rows(subset)]).tolist()) == {n_min}
-        info = trainer.last_layer_info
+        info = trainer.last_layer.info
         assert info["head"] == "logistic_l1" and info["C"] in trainer.args.dfr_regularization
         assert info["selection_metric"] == ("worst_group" if balance == "group" else "worst_class")
         head = trainer.adapter.classifier
         saved = trainer.load_stage_tensors(trainer.stage_dir("last_layer"), "head")
         assert torch.equal(head.weight.detach(), saved["weight"])
-        subsets[balance] = trainer.finetune_sets
+        subsets[balance] = trainer.last_layer.finetune_sets
     assert not torch.equal(subsets["group"][0], subsets["class"][0])
 
 

@@ -333,7 +333,7 @@ def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(tmp_path, s
     assert trainer.health["reference"] == "FairDropout"
     assert trainer.health["erm"] == chosen["validation"]
     assert "FairDropout" in trainer.stage_results
-    assert trainer.finetune_sets.shape[0] == trainer.args.dfr_num_subsets
+    assert trainer.last_layer.finetune_sets.shape[0] == trainer.args.dfr_num_subsets
 
 
 def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_path, small_digits):

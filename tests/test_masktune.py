@@ -14,11 +14,10 @@ from torch import nn
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
 from hf_robust.explain.cam import threshold_masks, token_attributions, xgradcam
 from hf_robust.data import DataValidationError
-from hf_robust.methods.masktune.masks import MaskStore, pack_bits, unpack_bits
+from hf_robust.methods.masktune.masks import MaskStore, cam_at_input_size, image_masks, pack_bits, token_masks, unpack_bits
 from hf_robust.methods.masktune.selective import SelectiveClassifier, calibrate_thresholds, ensemble_response, selective_report
 from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
 from hf_robust.core.trainer import maybe_wrap_timm
-from hf_robust.methods.masktune.trainer import cam_at_input_size, image_masks, token_masks
 
 
 # ----------------------------------------------------------------------------- XGrad-CAM

@@ -16,7 +16,10 @@ _EXPORTS = {
     "RunSetupError": "hf_robust.core.trainer",
     "Stage": "hf_robust.core.trainer",
     "LastLayerArguments": "hf_robust.methods.last_layer.config",
-    "LastLayerMixin": "hf_robust.methods.last_layer.mixin",
+    "LastLayerRetraining": "hf_robust.methods.last_layer.retraining",
+    "LastLayerRule": "hf_robust.methods.last_layer.retraining",
+    "LastLayerMixin": "hf_robust.methods.last_layer.retraining",  # the former name of LastLayerRetraining
+    "LastLayerTrainer": "hf_robust.methods.last_layer.trainer",
     **trainer_exports(),
 }
 

@@ -120,7 +120,8 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
     from hf_robust.models import load_model
     from hf_robust.recipes import COMMON_DEFAULTS, DATASET_RECIPES
     from hf_robust.methods import GradTuneConfig, GradTuneTrainer
-    from hf_robust.methods.last_layer.mixin import select_by_gradient_norm, train_linear_head
+    from hf_robust.methods.gradtune.rule import select_by_gradient_norm
+    from hf_robust.methods.last_layer.linear_head import train_linear_head
 
     transformers.logging.set_verbosity_error()
     train = train_script()
@@ -136,7 +137,7 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
         trainer.load_checkpoint_weights(Path(args.erm_checkpoint))
         validation = data["validation"]
         position = {idx: i for i, idx in enumerate(validation["example_idx"])}
-        heldout = validation.select([position[i] for i in trainer.heldout_idx.tolist()])
+        heldout = validation.select([position[i] for i in trainer.last_layer.heldout_idx.tolist()])
 
         def inference(_, batch):
             with torch.no_grad():
@@ -155,7 +156,7 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
         trainer.compute_per_example(heldout, inference, description="Warm-up")
         passes, seconds = interleaved({
             "inference": lambda: trainer.compute_per_example(heldout, inference, description="Inference"),
-            "scoring": lambda: trainer.compute_last_layer_data(heldout),
+            "scoring": lambda: trainer.last_layer.compute_data(heldout),
             "naive": lambda: trainer.compute_per_example(naive_subset, per_example_backward, batch_size=1,
                                                          description="Per-example backward"),
         }, repeats=5)
@@ -183,7 +184,7 @@ def timing(seed: int = 0, naive_examples: int = 60) -> dict:
         func_agreement = float((func_norms.double() - scores.norms).abs().max() / scores.norms.max())
 
         chosen = select_by_gradient_norm(scores.norms, 500, None, seed)
-        settings = trainer.last_layer_settings()
+        settings = trainer.last_layer.settings()
         head, head_min, head_median = _timed(
             lambda: train_linear_head(scores.features[chosen], scores.labels[chosen], weight, bias, seed=seed,
                                       **settings)

@@ -33,8 +33,8 @@ def main(out_path: str, work_dir: str, erm_dir: str) -> None:
     trainer = GradTuneTrainer(model, args, train_dataset=data["train"], eval_dataset={"validation": data["validation"]},
                               processing_class=processor)
     trainer.train()
-    scores = trainer.last_layer_data
-    selected = trainer.finetune_sets[0]
+    scores = trainer.last_layer.data
+    selected = trainer.last_layer.finetune_sets[0]
     head = trainer.adapter.classifier.weight.detach()
     fingerprint = torch.tensor([float(selected.sum()), float(head.double().sum()), float(scores.norms.sum())])
     everyone = trainer.accelerator.gather(fingerprint[None]).view(-1, 3)
@@ -44,7 +44,7 @@ def main(out_path: str, work_dir: str, erm_dir: str) -> None:
                 "world_size": args.world_size,
                 "example_idx": scores.example_idx.tolist(),
                 "norms": scores.norms.tolist(),
-                "heldout_idx": trainer.heldout_idx.tolist(),
+                "heldout_idx": trainer.last_layer.heldout_idx.tolist(),
                 "selected": selected.tolist(),
                 "head": head.flatten().tolist(),
                 "ranks_agree": bool((everyone == everyone[0]).all()),

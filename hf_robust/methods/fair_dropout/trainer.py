@@ -7,9 +7,10 @@
   (p_gen, p_mem) pairs — trained from the same initial weights, chosen on validation worst-class accuracy, labels
   only) -> `fairdropout`. Saves the model with `fair_dropout_config.json` (reload with
   `load_fair_dropout`) and, in `exported/`, the stock model with the evaluation-time masks folded in.
-- `FairDropoutDFRTrainer`: the same, then DFR's last-layer retraining (`hf_robust.methods.last_layer.mixin`, shared
-  with GradTune and DFR) on the FairDropout model's evaluation-mode features of a class-balanced held-out set.
-  Stages: `fairdropout` -> `heldout` -> `scores` -> `select` -> `last_layer`.
+- `FairDropoutDFRTrainer`: the same, then DFR's last-layer retraining (the component of
+  `hf_robust.methods.last_layer.retraining`, shared with GradTune and DFR, with DFR's rule
+  `hf_robust.methods.dfr.rule.DFRRule`) on the FairDropout model's evaluation-mode features of a class-balanced
+  held-out set. Stages: `fairdropout` -> `heldout` -> `scores` -> `select` -> `last_layer`.
 
 The paper gives no code; the layer follows the authors of example-tied dropout (Maini et al., ICML 2023,
 github.com/pratyushmaini/localizing-memorization) and the paper's description (positions after residual
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import numpy as np
 
 from ...data.core import DataValidationError
 from .inject import (
@@ -35,8 +34,9 @@ from .inject import (
     remove_fair_dropout,
 )
 from ...core.trainer import INITIAL_STAGE, RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
+from ..dfr.rule import DFRRule
+from ..last_layer.retraining import LastLayerRetraining
 from .config import FairDropoutDFRConfig, FairDropoutTrainingConfig
-from ..last_layer.mixin import LastLayerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -330,11 +330,10 @@ class FairDropoutTrainer(RobustTrainer):
         return False, "FairDropout did not help on validation (worst-class accuracy): the ERM model was kept"
 
 
-
-class FairDropoutDFRTrainer(LastLayerMixin, FairDropoutTrainer):
+class FairDropoutDFRTrainer(FairDropoutTrainer):
     """FairDropout, then DFR's last-layer retraining on its evaluation-mode features: see the module docstring.
     Args as [`FairDropoutTrainer`], with a [`FairDropoutDFRConfig`], plus `heldout_dataset` (default: the
-    `heldout_split` entry of `eval_dataset`)."""
+    `heldout_split` entry of `eval_dataset`). The last-layer component is `self.last_layer`."""
 
     _tag_names = ["hf_robust", "fairdropout", "dfr"]
     _name = "FairDropout-DFR"
@@ -346,15 +345,22 @@ class FairDropoutDFRTrainer(LastLayerMixin, FairDropoutTrainer):
 
     def __init__(self, model, args: FairDropoutDFRConfig | None = None, *pargs, heldout_dataset=None, **kwargs):
         super().__init__(model, args, *pargs, **kwargs)
-        self.setup_last_layer(heldout_dataset)
-        if self.args.dfr_balance == "group" and (np.asarray(self.heldout_dataset["group"]) < 0).any():
-            raise DataValidationError(
-                "dfr_balance='group' balances the held-out set by group, but the held-out split has examples with an "
-                "unknown group (-1): use dfr_balance='class' (no group labels needed)."
-            )
+        # checks the held-out split (and DFR's group labels) before any training
+        self.last_layer = LastLayerRetraining(self, DFRRule.from_args(self.args), heldout_dataset)
 
     def stages(self) -> list[Stage]:
-        return super().stages() + self.dfr_stages()
+        return super().stages() + self.last_layer.stages()
+
+    def results(self) -> dict:
+        return {**super().results(), **self.last_layer.results()}
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        self.last_layer.write_plots(output_dir)  # before the card lists the plots
+        super().write_report(output_dir)
+
+    def health_dataset(self):
+        held = self.last_layer.health_dataset()
+        return held if held is not None else super().health_dataset()
 
     def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
         super()._run_fairdropout(stage_dir, resume)

@@ -1,28 +1,29 @@
-"""GradTune (Kenfack et al.): fine-tune the last layer of an ERM model on the held-out examples it finds hardest,
-measured by the norm of their last-layer gradient — no group labels needed.
+"""GradTune (Kenfack et al., "GradTune: Last-Layer Fine-Tuning for Group Robustness without Group Annotation"):
+fine-tune the last layer of an ERM model on the held-out examples it finds hardest, measured by the norm of their
+last-layer gradient — no group labels needed.
 
 Stages: `erm` (or `erm_checkpoint`) -> `heldout` -> `scores` -> `select` -> `last_layer` (the shared machinery of
-`hf_robust.methods.last_layer.mixin`, see there for each stage).
+`hf_robust.methods.last_layer`, see `retraining` there for each stage), with GradTune's rule (`rule.GradTuneRule`):
 - scores: per held-out example, `||softmax(z) - onehot(y)|| * sqrt(||h||^2 + 1)`, the exact L2 norm of the
   cross-entropy gradient w.r.t. the last layer (W, b), from one inference pass that also caches `h`.
 - select: the M' = 500 examples of the fine-tuning set: the top k = 400 norms, plus 100 drawn without
-  replacement from the rest with probability proportional to the norm (paper section 4.1, appendix B).
+  replacement from the rest with probability proportional to the norm (the paper's section 4.1, appendix B).
 - last_layer: the ERM head fine-tuned (not reset, unless `reset_last_layer`) for 500 epochs on the cached
   features of that set with class-balanced sampling (SGD lr 3e-3 cosine / AdamW lr 1e-5 linear, wd 1e-4), then
   written into the model.
 
-The paper has no public code; SPEC section 4.2 fixes the details it leaves open.
+The paper has no public code; the details it leaves open are fixed here and documented where they are made
+(`rule.select_by_gradient_norm`, `hf_robust.methods.last_layer.linear_head.train_linear_head`).
 """
 
 from __future__ import annotations
 
-from ...data.core import DataValidationError
-from ...core.trainer import RobustTrainer, Stage
+from ..last_layer.trainer import LastLayerTrainer
 from .config import GradTuneConfig
-from ..last_layer.mixin import LastLayerMixin
+from .rule import GradTuneRule
 
 
-class GradTuneTrainer(LastLayerMixin, RobustTrainer):
+class GradTuneTrainer(LastLayerTrainer):
     """ERM, then GradTune: see the module docstring. Args as [`RobustTrainer`], with a [`GradTuneConfig`], plus
     `heldout_dataset` (default: the `heldout_split` entry of `eval_dataset`, "validation")."""
 
@@ -46,11 +47,5 @@ class GradTuneTrainer(LastLayerMixin, RobustTrainer):
         "It uses no group labels."
     )
 
-    def __init__(self, model, args: GradTuneConfig | None = None, *pargs, heldout_dataset=None, **kwargs):
-        super().__init__(model, args, *pargs, **kwargs)
-        if self.train_dataset is None and self.args.erm_checkpoint is None:
-            raise DataValidationError("GradTuneTrainer needs a train_dataset for its ERM stage (or an erm_checkpoint).")
-        self.setup_last_layer(heldout_dataset)
-
-    def stages(self) -> list[Stage]:
-        return [self.erm_baseline_stage(), *self.gradtune_stages()]
+    def last_layer_rule(self) -> GradTuneRule:
+        return GradTuneRule.from_args(self.args)

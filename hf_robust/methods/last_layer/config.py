@@ -2,8 +2,8 @@
 
 A dataclass mixin, not a config of its own: a method's config lists it before `RobustConfig`
 (`class GradTuneConfig(LastLayerArguments, RobustConfig)`), so its fields reach the command line through
-`HfArgumentParser` like every other field. Kept apart from `last_layer.py` so that building a parser imports
-no more than transformers.
+`HfArgumentParser` like every other field. Kept apart from the stages (`retraining`) so that building a parser
+imports no more than transformers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ LAST_LAYER_SCHEDULERS = ("cosine", "linear", "constant")
 class LastLayerArguments:
     r"""
     Parameters of the last-layer stages (`heldout` -> `scores` -> `select` -> `last_layer`, see
-    `hf_robust.methods.last_layer.mixin`).
+    `hf_robust.methods.last_layer.retraining`).
 
     Parameters that control the ERM stage:
         erm_checkpoint (`str` or `None`, *optional*):

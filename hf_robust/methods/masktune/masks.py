@@ -1,9 +1,16 @@
-"""Per-example masks, stored compactly (packed bits) and keyed by `example_idx`.
+"""MaskTune's per-example masks: how they are computed, and how they are stored.
 
-A `MaskStore` holds one boolean mask per example — pixels at the model's input resolution for images, token
-positions for text — packed 8 to a byte (a 224x224 mask takes 6.3 kB, 32x32 takes 128 bytes). It plugs into
-`GroupDataCollator(example_transform=...)`: masked pixels become black (0) in the uint8 image before any
-augmentation and normalisation; masked tokens become the tokenizer's mask token.
+Computed (Taghanaki et al., "MaskTune: Mitigating Spurious Correlations by Forcing to Explore", NeurIPS 2022,
+arXiv:2210.00055), one batch at a time:
+- `image_masks`: XGrad-CAM for the predicted class at the adapter's CAM layer, brought to the input size
+  (`cam_at_input_size`), thresholded at `mean + k * std` of the image's positive values;
+- `token_masks`: gradient x input on the token embeddings for text (beyond the paper);
+- `random_window_masks`: RandMask, the paper's random baseline.
+
+Stored: a `MaskStore` holds one boolean mask per example, keyed by `example_idx` — pixels at the model's input
+resolution for images, token positions for text — packed 8 to a byte (a 224x224 mask takes 6.3 kB, 32x32 takes
+128 bytes). It plugs into `GroupDataCollator(example_transform=...)`: masked pixels become black (0) in the uint8
+image before any augmentation and normalisation; masked tokens become the tokenizer's mask token.
 """
 
 from __future__ import annotations
@@ -12,6 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ...data.core import DataValidationError
+from ...explain.cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
+from ...models.adapter import UnsupportedModelError
+
+# ----------------------------------------------------------------------------- storing the masks
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -114,6 +126,46 @@ class MaskStore:
         from safetensors.torch import load_file
 
         return cls.from_state_dict(load_file(str(path)))
+
+
+# ----------------------------------------------------------------------------- computing the masks
+def image_masks(model, adapter, pixel_values: torch.Tensor, k: float = 2.0) -> torch.Tensor:
+    """MaskTune's masks for a batch of images: (B, H, W) bool at the input resolution."""
+    if pixel_values.ndim != 4:
+        raise DataValidationError(
+            f"Image masking needs pixel_values of shape (B, C, H, W); got a tensor of shape {tuple(pixel_values.shape)}."
+        )
+    cam, _ = xgradcam(model, adapter, {"pixel_values": pixel_values})
+    if cam.shape[-2] * cam.shape[-1] == 1:
+        raise UnsupportedModelError(
+            f"The CAM layer of {type(adapter.model).__name__} gives a 1x1 map for {tuple(pixel_values.shape[-2:])} "
+            "inputs: it cannot point at any region, so MaskTune would mask nothing. Use larger inputs (e.g. the "
+            "model's pre-training resolution) or cam_target_layer= an earlier layer with a larger map."
+        )
+    return threshold_masks(cam_at_input_size(cam, tuple(pixel_values.shape[-2:])), k)
+
+
+def cam_at_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Min-max normalised, bilinearly upsampled to `size`, normalised again: the maps the `grad-cam` package
+    (the authors' code) returns, whose upsampling moves the extremes slightly off 0 and 1."""
+    return normalize_per_image(upsample(normalize_per_image(cam), size))
+
+
+def token_masks(model, adapter, model_inputs: dict, special_ids: list[int], k: float = 2.0, min_tokens: int = 1):
+    """Masks over token positions (B, T) bool: tokens whose gradient x input attribution exceeds the threshold,
+    and at least the `min_tokens` best positive ones; never padding or special tokens."""
+    scores, _ = token_attributions(model, adapter, model_inputs)
+    input_ids = model_inputs["input_ids"]
+    valid = model_inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
+    valid &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
+    masks = threshold_masks(scores, k, valid)
+    if min_tokens > 0:
+        ranked = torch.where(valid & (scores > 0), scores, torch.full_like(scores, -float("inf")))
+        top = ranked.topk(min(min_tokens, scores.shape[1]), dim=1)
+        chosen = torch.zeros_like(masks).scatter(1, top.indices, top.values > -float("inf"))
+        masks |= chosen
+    return masks
+
 
 
 def random_window_masks(

@@ -1,16 +1,19 @@
-"""MaskTune (Taghanaki et al., NeurIPS 2022): mask what the ERM model looks at, then fine-tune for one epoch.
+"""MaskTune (Taghanaki et al., "MaskTune: Mitigating Spurious Correlations by Forcing to Explore", NeurIPS 2022,
+arXiv:2210.00055): mask what the ERM model looks at, then fine-tune for one epoch.
 
 Stages: `erm` (or `erm_checkpoint`) [-> `select`] -> `masks_1` -> `finetune_1` [-> `masks_2` -> `finetune_2` ...] ->
 `selective`.
 - select (the default, labels only): the fine-tuning's learning rate, batch size and k chosen among one-epoch
   fine-tunings of the ERM model and the ERM model itself; then the number of rounds, round by round (a round
   runs only if the previous one improved on validation; later rounds that were not run are skipped stages).
+  The candidates, the rule and the record are in `selection`.
 - masks: for every training example, XGrad-CAM at the adapter's CAM layer for the PREDICTED class, model in
   eval mode, min-max normalised per image, upsampled bilinearly to the input size; pixels above
   `mean + k * std` of the image's positive values are masked. Computed in batches on the device and gathered
   across processes by `example_idx`; stored as packed bits (`MaskStore`). Text models: gradient x input on the
   token embeddings, top tokens replaced by the mask token (beyond the paper).
   With `mask_method="random"`: RandMask, the paper's baseline, one random square window per image instead.
+  The per-batch mask computations and the store are in `masks`.
 - finetune: the ERM model trained for exactly one epoch on the masked training set (masked pixels black, before
   augmentation), at a small constant learning rate (default: ERM's final learning rate).
 - selective: the ERM x MaskTune ensemble as a selective classifier (paper section 2.2), thresholds calibrated
@@ -31,54 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...models.adapter import UnsupportedModelError
-from ...explain.cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
+from ...explain.cam import xgradcam
 from ...data.core import DataValidationError
-from .masks import MaskStore, random_window_masks
+from .masks import MaskStore, cam_at_input_size, image_masks, random_window_masks, token_masks
 from .selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
-from ...core.health import selection_score
 from ...core.trainer import RobustTrainer, Stage, frozen_norm_statistics
 from .config import MaskTuneConfig
+from .selection import candidate_grid, record_with_rounds, round_improves
 
 logger = logging.getLogger(__name__)
-
-
-def image_masks(model, adapter, pixel_values: torch.Tensor, k: float = 2.0) -> torch.Tensor:
-    """MaskTune's masks for a batch of images: (B, H, W) bool at the input resolution."""
-    if pixel_values.ndim != 4:
-        raise DataValidationError(
-            f"Image masking needs pixel_values of shape (B, C, H, W); got a tensor of shape {tuple(pixel_values.shape)}."
-        )
-    cam, _ = xgradcam(model, adapter, {"pixel_values": pixel_values})
-    if cam.shape[-2] * cam.shape[-1] == 1:
-        raise UnsupportedModelError(
-            f"The CAM layer of {type(adapter.model).__name__} gives a 1x1 map for {tuple(pixel_values.shape[-2:])} "
-            "inputs: it cannot point at any region, so MaskTune would mask nothing. Use larger inputs (e.g. the "
-            "model's pre-training resolution) or cam_target_layer= an earlier layer with a larger map."
-        )
-    return threshold_masks(cam_at_input_size(cam, tuple(pixel_values.shape[-2:])), k)
-
-
-def cam_at_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Min-max normalised, bilinearly upsampled to `size`, normalised again: the maps the `grad-cam` package
-    (the authors' code) returns, whose upsampling moves the extremes slightly off 0 and 1."""
-    return normalize_per_image(upsample(normalize_per_image(cam), size))
-
-
-def token_masks(model, adapter, model_inputs: dict, special_ids: list[int], k: float = 2.0, min_tokens: int = 1):
-    """Masks over token positions (B, T) bool: tokens whose gradient x input attribution exceeds the threshold,
-    and at least the `min_tokens` best positive ones; never padding or special tokens."""
-    scores, _ = token_attributions(model, adapter, model_inputs)
-    input_ids = model_inputs["input_ids"]
-    valid = model_inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
-    valid &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
-    masks = threshold_masks(scores, k, valid)
-    if min_tokens > 0:
-        ranked = torch.where(valid & (scores > 0), scores, torch.full_like(scores, -float("inf")))
-        top = ranked.topk(min(min_tokens, scores.shape[1]), dim=1)
-        chosen = torch.zeros_like(masks).scatter(1, top.indices, top.values > -float("inf"))
-        masks |= chosen
-    return masks
 
 
 class MaskTuneTrainer(RobustTrainer):
@@ -192,24 +156,8 @@ class MaskTuneTrainer(RobustTrainer):
 
     # ------------------------------------------------------------------ label-free selection
     def selection_grid(self) -> list[dict] | None:
-        """The candidates of the `select` stage: the ERM model itself, then one-epoch fine-tunings for every
-        combination of the knobs the user left unset (the set ones fixed); None when there is nothing to choose."""
-        args = self.args
-        unset = [args.finetune_learning_rate is None, args.finetune_batch_size is None, args.mask_threshold_std is None]
-        if args.masktune_selection == "off" or not any(unset):
-            return None
-        lrs = ([args.finetune_learning_rate] if args.finetune_learning_rate is not None
-               else [float(f"{f * args.learning_rate:.6g}") for f in args.selection_learning_rate_factors])
-        sizes = ([args.finetune_batch_size] if args.finetune_batch_size is not None
-                 else [max(1, args.per_device_train_batch_size // d) for d in args.selection_batch_size_divisors])
-        ks = [args.mask_threshold_std] if args.mask_threshold_std is not None else list(args.selection_thresholds)
-        grid = [{"finetune": False}]
-        for k in dict.fromkeys(ks):
-            for lr in dict.fromkeys(lrs):
-                for size in dict.fromkeys(sizes):
-                    grid.append({"finetune": True, "finetune_learning_rate": float(lr), "finetune_batch_size": int(size),
-                                 "mask_threshold_std": float(k)})
-        return grid
+        """The candidates of the `select` stage (`selection.candidate_grid`); None when there is nothing to choose."""
+        return candidate_grid(self.args)
 
     def _run_select(self, stage_dir: Path, resume: bool) -> None:
         grid = self.selection_grid()
@@ -345,9 +293,7 @@ class MaskTuneTrainer(RobustTrainer):
 
     def _improves(self, record: dict) -> bool:
         """Whether a round beats the previous one on validation (the selection's rule); the first round does."""
-        if not self.iteration_records:
-            return True
-        return selection_score(record["validation"]) > selection_score(self.iteration_records[-1]["validation"])
+        return round_improves(record, self.iteration_records)
 
     def _add_iteration(self, record: dict) -> None:
         """Keep a round's validation record; a round that does not improve on the previous one (worst-class
@@ -382,31 +328,11 @@ class MaskTuneTrainer(RobustTrainer):
             self._add_iteration(record)
 
     def selection_record(self) -> dict | None:
-        """The selection's record with the rounds chosen after it: each round after the first as a candidate
-        (the chosen candidate's knobs and `iterations`), the kept round chosen. Without a `select` stage (its knobs
-        set), the rounds alone."""
-        if not self.iteration_records:
-            return self.selection
-        kept = self.stopped_after or self.iteration_records[-1]["iteration"]
-        if self.selection is not None:
-            base, first = list(self.selection["candidates"]), self.selection["chosen"]
-            base[first] = {**base[first], "knobs": {**base[first]["knobs"], "iterations": 1}}
-            knobs = base[first]["knobs"]
-            later = self.iteration_records[1:]
-        else:
-            base, first = [], 0
-            knobs = {"finetune": True, "finetune_learning_rate": self.finetune_learning_rate,
-                     "finetune_batch_size": self.finetune_batch_size, "mask_threshold_std": self.mask_threshold}
-            later = self.iteration_records
-        rounds = [{"knobs": {**knobs, "iterations": r["iteration"]}, "validation": r["validation"],
-                   "seconds": r["seconds"]} for r in later]
-        if self.selection is None:
-            chosen = kept - 1
-        else:
-            chosen = first if kept == 1 else len(base) + kept - 2
-        record = {"metric": "worst_class_accuracy (ties: accuracy)", "split": self.args.health_split,
-                  **(self.selection or {}), "candidates": base + rounds, "chosen": chosen}
-        return record
+        """The selection's record with the rounds chosen after it (`selection.record_with_rounds`)."""
+        knobs = {"finetune": True, "finetune_learning_rate": self.finetune_learning_rate,
+                 "finetune_batch_size": self.finetune_batch_size, "mask_threshold_std": self.mask_threshold}
+        return record_with_rounds(self.selection, self.iteration_records, self.stopped_after, knobs,
+                                  self.args.health_split)
 
     def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int) -> None:
         """One epoch on the masked training set (`self.masks`) at a constant learning rate."""
