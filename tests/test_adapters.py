@@ -6,7 +6,7 @@ from conftest import make_model
 from torch import nn
 
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
-from hf_robust.core.trainer import maybe_wrap_timm
+from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 POSITIONS = {
     "hf_bert": ["fc", "pooled"],

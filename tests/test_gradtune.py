@@ -15,7 +15,7 @@ from conftest import make_model, quick_config
 from hf_robust.models.adapter import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
 from hf_robust.methods import DFRConfig, DFRTrainer, GradTuneConfig, GradTuneTrainer
-from hf_robust.core.trainer import maybe_wrap_timm
+from hf_robust.models.timm_wrap import maybe_wrap_timm
 from hf_robust.methods.last_layer.mixin import (
     balanced_subsets,
     fit_logistic_l1,

@@ -31,54 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...models.adapter import UnsupportedModelError
-from ...explain.cam import normalize_per_image, threshold_masks, token_attributions, upsample, xgradcam
+from ...explain.cam import xgradcam
 from ...data.core import DataValidationError
 from .masks import MaskStore, random_window_masks
 from .selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
 from ...core.health import selection_score
-from ...core.trainer import RobustTrainer, Stage, frozen_norm_statistics
+from ...core.trainer import RobustTrainer, Stage
+from .cam_masks import cam_at_input_size, image_masks, token_masks
+from .frozen_norm import frozen_norm_statistics
 from .config import MaskTuneConfig
 
 logger = logging.getLogger(__name__)
-
-
-def image_masks(model, adapter, pixel_values: torch.Tensor, k: float = 2.0) -> torch.Tensor:
-    """MaskTune's masks for a batch of images: (B, H, W) bool at the input resolution."""
-    if pixel_values.ndim != 4:
-        raise DataValidationError(
-            f"Image masking needs pixel_values of shape (B, C, H, W); got a tensor of shape {tuple(pixel_values.shape)}."
-        )
-    cam, _ = xgradcam(model, adapter, {"pixel_values": pixel_values})
-    if cam.shape[-2] * cam.shape[-1] == 1:
-        raise UnsupportedModelError(
-            f"The CAM layer of {type(adapter.model).__name__} gives a 1x1 map for {tuple(pixel_values.shape[-2:])} "
-            "inputs: it cannot point at any region, so MaskTune would mask nothing. Use larger inputs (e.g. the "
-            "model's pre-training resolution) or cam_target_layer= an earlier layer with a larger map."
-        )
-    return threshold_masks(cam_at_input_size(cam, tuple(pixel_values.shape[-2:])), k)
-
-
-def cam_at_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Min-max normalised, bilinearly upsampled to `size`, normalised again: the maps the `grad-cam` package
-    (the authors' code) returns, whose upsampling moves the extremes slightly off 0 and 1."""
-    return normalize_per_image(upsample(normalize_per_image(cam), size))
-
-
-def token_masks(model, adapter, model_inputs: dict, special_ids: list[int], k: float = 2.0, min_tokens: int = 1):
-    """Masks over token positions (B, T) bool: tokens whose gradient x input attribution exceeds the threshold,
-    and at least the `min_tokens` best positive ones; never padding or special tokens."""
-    scores, _ = token_attributions(model, adapter, model_inputs)
-    input_ids = model_inputs["input_ids"]
-    valid = model_inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
-    valid &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
-    masks = threshold_masks(scores, k, valid)
-    if min_tokens > 0:
-        ranked = torch.where(valid & (scores > 0), scores, torch.full_like(scores, -float("inf")))
-        top = ranked.topk(min(min_tokens, scores.shape[1]), dim=1)
-        chosen = torch.zeros_like(masks).scatter(1, top.indices, top.values > -float("inf"))
-        masks |= chosen
-    return masks
 
 
 class MaskTuneTrainer(RobustTrainer):
@@ -112,12 +75,11 @@ class MaskTuneTrainer(RobustTrainer):
         if self.args.mask_method == "random" and self.input_kind != "image":
             raise DataValidationError("mask_method='random' (RandMask) masks image windows; this run has "
                                       f"{self.input_kind} inputs. Use mask_method='xgradcam'.")
-        if self.input_kind != "image":
-            if getattr(self.processing_class, "mask_token_id", None) is None:
-                raise DataValidationError(
-                    f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
-                    f"{type(self.processing_class).__name__} has none: use a tokenizer with a mask token (BERT-style)."
-                )
+        if self.input_kind != "image" and getattr(self.processing_class, "mask_token_id", None) is None:
+            raise DataValidationError(
+                f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
+                f"{type(self.processing_class).__name__} has none: use a tokenizer with a mask token (BERT-style)."
+            )
         if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
         self.masks: MaskStore | None = None
@@ -404,9 +366,8 @@ class MaskTuneTrainer(RobustTrainer):
             chosen = kept - 1
         else:
             chosen = first if kept == 1 else len(base) + kept - 2
-        record = {"metric": "worst_class_accuracy (ties: accuracy)", "split": self.args.health_split,
-                  **(self.selection or {}), "candidates": base + rounds, "chosen": chosen}
-        return record
+        return {"metric": "worst_class_accuracy (ties: accuracy)", "split": self.args.health_split,
+                **(self.selection or {}), "candidates": base + rounds, "chosen": chosen}
 
     def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int) -> None:
         """One epoch on the masked training set (`self.masks`) at a constant learning rate."""
