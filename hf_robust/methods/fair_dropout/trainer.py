@@ -34,7 +34,11 @@ from .inject import (
     inject_fair_dropout,
     remove_fair_dropout,
 )
-from ...core.trainer import INITIAL_STAGE, RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
+from ...core.files import atomic_write_bytes
+from ...core.checkpoints import RunSetupError
+from ...core.stages import INITIAL_STAGE, Stage
+from ...core.trainer import RobustTrainer
+from ...models.timm_wrap import maybe_wrap_timm
 from .config import FairDropoutDFRConfig, FairDropoutTrainingConfig
 from ..last_layer.mixin import LastLayerMixin
 
