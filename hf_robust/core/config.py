@@ -155,3 +155,8 @@ class ErmCheckpointArguments:
     erm_checkpoint: str | None = field(
         default=None, metadata={"help": "Start from this trained model instead of ERM."}
     )
+
+
+def erm_checkpoint_of(args: TrainingArguments) -> str | None:
+    """The `erm_checkpoint` of a config with `ErmCheckpointArguments`; None for any other config."""
+    return args.erm_checkpoint if isinstance(args, ErmCheckpointArguments) else None

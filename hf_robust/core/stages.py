@@ -23,7 +23,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .checkpoints import CheckpointIO, RunSetupError
-from .config import ErmCheckpointArguments
+from .config import erm_checkpoint_of
 from .files import atomic_write_json
 from .run_folder import (
     OutputDirError,
@@ -292,7 +292,7 @@ class StageEngine(CheckpointIO):
     def train_or_load_checkpoint(self, stage_dir: Path, resume: bool, load=None) -> None:
         """Train the stage, or load the config's `erm_checkpoint` (`ErmCheckpointArguments`; with `load`, default
         `load_checkpoint_weights`) instead; then save the model as the stage's state."""
-        checkpoint = self.args.erm_checkpoint if isinstance(self.args, ErmCheckpointArguments) else None
+        checkpoint = erm_checkpoint_of(self.args)
         if checkpoint:
             (load or self.load_checkpoint_weights)(Path(checkpoint))
         else:

@@ -267,7 +267,7 @@ class RobustTrainer(StageEngine, HealthAndSelection, PerExamplePass, RunReport, 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return balanced_sampler(dataset, self.args.balanced_sampling, seed=self.args.seed)
 
-    # ------------------------------------------------------------------ metrics and reports
+    # ------------------------------------------------------------------ evaluation and results
     @property
     def metric(self):
         if self._metric is None:
