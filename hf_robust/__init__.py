@@ -18,8 +18,8 @@ _compat.install()  # the module paths before the redesign (hf_robust.trainer, hf
 _EXPORTS = {
     "RobustConfig": "hf_robust.core.config",
     "RobustTrainer": "hf_robust.core.trainer",
-    "HubPushError": "hf_robust.core.trainer",
-    "Stage": "hf_robust.core.trainer",
+    "HubPushError": "hf_robust.core.report",
+    "Stage": "hf_robust.core.stages",
     **trainer_exports(),
     "get_adapter": "hf_robust.models.adapter",
     "ModelAdapter": "hf_robust.models.adapter",

@@ -192,7 +192,9 @@ def _errors_as_one_line(run):
     def wrapper(*args, **kwargs):
         from hf_robust.data.core import DataValidationError
         from hf_robust.core.run_folder import OutputDirError, is_disk_full
-        from hf_robust.core.trainer import HubPushError, OutputWriteError, RunSetupError
+        from hf_robust.core.checkpoints import RunSetupError
+        from hf_robust.core.report import HubPushError
+        from hf_robust.core.trainer import OutputWriteError
 
         try:
             return run(*args, **kwargs)
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_robust.reporting import format_group_table
     from hf_robust.data.benchmarks import BENCHMARKS as BENCHMARK_NAMES
     from hf_robust.models import PRESETS
-    from hf_robust.core.trainer import HubPushError, RunSetupError
+    from hf_robust.core.checkpoints import RunSetupError
+    from hf_robust.core.report import HubPushError
     from hf_robust.core.health import HealthCheckError, format_health, format_selection
 
     transformers.logging.set_verbosity_warning()

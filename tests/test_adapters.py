@@ -8,7 +8,7 @@ from torch import nn
 
 from hf_robust.methods.fair_dropout.positions import get_position, positions_for
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
-from hf_robust.core.trainer import maybe_wrap_timm
+from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 POSITIONS = {
     "hf_bert": ["fc", "pooled"],

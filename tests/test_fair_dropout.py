@@ -31,7 +31,7 @@ from hf_robust.methods import (
     FairDropoutTrainer,
     FairDropoutTrainingConfig,
 )
-from hf_robust.core.trainer import maybe_wrap_timm
+from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 HERE = Path(__file__).parent
 

@@ -15,12 +15,12 @@ from conftest import make_model, quick_config
 from hf_robust.models.adapter import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
 from hf_robust.methods import DFRConfig, DFRTrainer, GradTuneConfig, GradTuneTrainer
-from hf_robust.core.trainer import maybe_wrap_timm
 from hf_robust.methods.dfr.rule import balanced_subsets, fit_logistic_l1
 from hf_robust.methods.gradtune.rule import select_by_gradient_norm
 from hf_robust.methods.last_layer.linear_head import train_linear_head
 from hf_robust.methods.last_layer.retraining import LastLayerRetraining
 from hf_robust.methods.last_layer.scores import last_layer_gradient_norms, split_heldout
+from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 
 # ----------------------------------------------------------------------------- closed-form gradient norms

@@ -17,7 +17,7 @@ from hf_robust.data import DataValidationError
 from hf_robust.methods.masktune.masks import MaskStore, cam_at_input_size, image_masks, pack_bits, token_masks, unpack_bits
 from hf_robust.methods.masktune.selective import SelectiveClassifier, calibrate_thresholds, ensemble_response, selective_report
 from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
-from hf_robust.core.trainer import maybe_wrap_timm
+from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 
 # ----------------------------------------------------------------------------- XGrad-CAM

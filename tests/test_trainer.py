@@ -368,7 +368,7 @@ def test_metric_module_is_the_trainers_metric(tmp_path, small_digits):
 
 
 def test_results_file_is_standard_json(tmp_path):
-    from hf_robust.core.trainer import atomic_write_json
+    from hf_robust.core.files import atomic_write_json
 
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
@@ -15,15 +16,15 @@ class RobustConfig(TrainingArguments):
             Maximum number of tokens of a text input (longer inputs are truncated).
         train_augmentation (`str`, *optional*, defaults to `"none"`):
             Training-time image augmentation: `"none"`, `"flip"` or `"crop_flip"` (random resized crop + flip).
-            Applied after per-example edits such as MaskTune's masks.
+            Applied after a method's per-example edits of the images (e.g. masks).
         balanced_sampling (`str`, *optional*, defaults to `"none"`):
-            `"class"` draws training examples with equal total weight per class (the ERM baseline of GradTune);
+            `"class"` draws training examples with equal total weight per class (a class-balanced ERM baseline);
             `"group"` does the same per group and therefore uses group labels (only for baselines that may).
 
     Parameters that control the learning-rate schedule:
         lr_step_epochs (`float` or `None`, *optional*):
             A step schedule, which transformers' `lr_scheduler_type`s lack: the learning rate is multiplied by
-            `lr_step_gamma` every this many epochs (e.g. MaskTune's MNIST recipe: 0.5 every 25 epochs). When set, it
+            `lr_step_gamma` every this many epochs (e.g. 0.5 every 25 epochs on MNIST). When set, it
             replaces `lr_scheduler_type` for the training stages (warm-up is not applied).
         lr_step_gamma (`float`, *optional*, defaults to `0.5`):
             The factor of the step schedule.
@@ -54,12 +55,20 @@ class RobustConfig(TrainingArguments):
         health_margin (`float`, *optional*, defaults to `0.02`):
             A drop of validation worst-class accuracy larger than this (2 points) is `worse_than_erm`.
         health_split (`str`, *optional*, defaults to `"validation"`):
-            The eval split the check runs on (absent: the status is `unknown`). Methods that train on part of it
-            (GradTune, DFR) check on the part they did not train on.
+            The eval split the check runs on (absent: the status is `unknown`). A method that trains on part of it
+            checks on the part it did not train on.
 
     Every `transformers.TrainingArguments` parameter applies. `remove_unused_columns` defaults to `False`: the
     collator needs `group` and `example_idx`.
+
+    Every finished stage records the run's settings (`RobustTrainer.run_settings`), and a resume must match them:
+    each field of this class and its subclasses counts, but those a class names in `UNRECORDED_FIELDS` (settings
+    that change no stage's outputs: where and how the run is saved, shown and judged at the end).
     """
+
+    UNRECORDED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "save_plots", "on_worse", "health_margin", "health_split", "overwrite_output_dir",
+    )
 
     remove_unused_columns: bool = field(
         default=False,
@@ -99,6 +108,11 @@ class RobustConfig(TrainingArguments):
                           "one has saved everything)."},
     )
 
+    @classmethod
+    def unrecorded_fields(cls) -> frozenset[str]:
+        """The `UNRECORDED_FIELDS` every class of this config's hierarchy names (mixins included)."""
+        return frozenset(name for klass in cls.__mro__ for name in vars(klass).get("UNRECORDED_FIELDS", ()))
+
     def __post_init__(self):
         super().__post_init__()
         if self.dataloader_pin_memory and self.device.type == "cpu":
@@ -124,3 +138,25 @@ class RobustConfig(TrainingArguments):
                 "remove_unused_columns=True would drop `group` and `example_idx`, which hf_robust needs; leave it False "
                 "(the collator passes only the model's inputs to the model)."
             )
+
+
+@dataclass
+class ErmCheckpointArguments:
+    r"""
+    A dataclass mixin for the config of a method that starts from a trained model: listed before `RobustConfig`
+    (`class MyConfig(ErmCheckpointArguments, RobustConfig)`), it adds
+
+        erm_checkpoint (`str` or `None`, *optional*):
+            Folder of a trained model (`save_pretrained` layout) that the method's first training stage
+            (`RobustTrainer.train_or_load_checkpoint`, e.g. the `erm` stage of `erm_baseline_stage`) loads instead
+            of training.
+    """
+
+    erm_checkpoint: str | None = field(
+        default=None, metadata={"help": "Start from this trained model instead of ERM."}
+    )
+
+
+def erm_checkpoint_of(args: TrainingArguments) -> str | None:
+    """The `erm_checkpoint` of a config with `ErmCheckpointArguments`; None for any other config."""
+    return args.erm_checkpoint if isinstance(args, ErmCheckpointArguments) else None

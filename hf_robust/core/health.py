@@ -6,8 +6,8 @@ not have, or may not look at) would not notice. So every run compares, on the va
 labels only (never group labels), its final model with its reference (the ERM stage, or the model it started
 from):
 
-- accuracy, worst-class accuracy (the model-selection criterion of the GradTune and FairDropout papers, which
-  needs no group labels), balanced accuracy, and the share of each class among the predictions and the labels;
+- accuracy, worst-class accuracy (a model-selection criterion that needs no group labels), balanced accuracy,
+  and the share of each class among the predictions and the labels;
 - `status`:
   - `collapsed`: a class is almost never predicted (its share of the predictions below `collapse_ratio` times its
     share of the labels), or balanced accuracy at chance (at most 1/K + `chance_margin`);

@@ -10,6 +10,7 @@
   written into a staging folder inside `output_dir`, into place. The old `results.json` goes first and the new one
   comes last, so at any moment the folder holds either the old finished run or no `results.json` at all: nothing
   half-written looks finished. Every moved file gets the permissions of a normally created file (umask applied).
+- `hold_output_dir` / `release_output_dir`: the lock shared by the trainers of one process that use one folder.
 """
 
 from __future__ import annotations
@@ -145,6 +146,30 @@ class OutputDirLock:
             self.release()
         except Exception:
             pass
+
+
+# output folders this process holds, with the number of holders of each: one process may run several trainers
+# into one folder one after another (a notebook, a resume); another process may not
+_HELD_OUTPUT_DIRS: dict[Path, list] = {}
+
+
+def hold_output_dir(folder: Path) -> None:
+    """Lock `folder` for this process (`OutputDirLock`), or count one more holder if it already holds it."""
+    key = Path(folder).resolve()
+    if key not in _HELD_OUTPUT_DIRS:
+        _HELD_OUTPUT_DIRS[key] = [OutputDirLock(folder).acquire(), 0]
+    _HELD_OUTPUT_DIRS[key][1] += 1
+
+
+def release_output_dir(folder: Path) -> None:
+    """One holder fewer of `folder`; the lock is released with the last."""
+    key = Path(folder).resolve()
+    held = _HELD_OUTPUT_DIRS.get(key)
+    if held is not None:
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD_OUTPUT_DIRS[key]
+            held[0].release()
 
 
 def _read_owner(fd: int) -> dict:

@@ -12,9 +12,9 @@ from .registry import trainer_exports
 _EXPORTS = {
     "RobustConfig": "hf_robust.core.config",
     "RobustTrainer": "hf_robust.core.trainer",
-    "HubPushError": "hf_robust.core.trainer",
-    "RunSetupError": "hf_robust.core.trainer",
-    "Stage": "hf_robust.core.trainer",
+    "HubPushError": "hf_robust.core.report",
+    "RunSetupError": "hf_robust.core.checkpoints",
+    "Stage": "hf_robust.core.stages",
     "LastLayerArguments": "hf_robust.methods.last_layer.config",
     "LastLayerRetraining": "hf_robust.methods.last_layer.retraining",
     "LastLayerRule": "hf_robust.methods.last_layer.retraining",

@@ -29,6 +29,10 @@ class MethodSpec:
     exports: dict[str, str] = field(default_factory=dict)
     # the method's own defaults over a dataset's recipe: key None for every dataset, else a dataset name
     recipes: dict[str | None, dict] = field(default_factory=dict)
+    # "module:function" run by every trainer before it loads a saved model folder as the plain weights of its
+    # model (`erm_checkpoint`): function(folder, model, trainer_name) -> why the folder must not be loaded
+    # (e.g. it holds the method's extra layers, which the model lacks), or None
+    checkpoint_check: str | None = None
 
     def config_class(self):
         return load_object(self.config)
@@ -65,6 +69,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
         exports={"FairDropout": _M + "fair_dropout.layer", "FairDropoutConfig": _M + "fair_dropout.inject",
                  "inject_fair_dropout": _M + "fair_dropout.inject", "remove_fair_dropout": _M + "fair_dropout.inject",
                  "load_fair_dropout": _M + "fair_dropout.inject", "export_fair_dropout": _M + "fair_dropout.inject"},
+        checkpoint_check=_M + "fair_dropout.checkpoint:refuse_without_fair_dropout",
     ),
     MethodSpec(
         "fairdropout_dfr", _M + "fair_dropout.config:FairDropoutDFRConfig",
@@ -103,3 +108,14 @@ def trainer_exports() -> dict[str, str]:
             names[attr] = module
         names.update(spec.exports)
     return names
+
+
+def checkpoint_refusal(folder, model, trainer_name: str) -> str | None:
+    """The first method's `checkpoint_check` that refuses loading the saved model folder `folder` as the plain
+    weights of `model` (its reason), or None when every check lets it load."""
+    for spec in METHODS.values():
+        if spec.checkpoint_check is not None:
+            reason = load_object(spec.checkpoint_check)(folder, model, trainer_name)
+            if reason:
+                return reason
+    return None

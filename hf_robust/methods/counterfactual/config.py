@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .counterfactuals import MASK_STRATEGIES, REFILL_STRATEGIES
 from ...core.config import RobustConfig
@@ -62,7 +63,7 @@ class CounterfactualDistillConfig(RobustConfig):
             Training examples shown in the original / CAM / counterfactual grid plot.
 
     Parameters of the label-free selection of beta (stage `select`, after `vanilla`;
-    `hf_robust.core.trainer.run_candidates`):
+    `RobustTrainer.run_candidates`):
         counterfactual_selection (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: when `distill_weight` is unset, fine-tune one student per beta of `selection_distill_weights`
             from the same zero-shot model, on the same schedule and data order, and keep the one with the best
@@ -78,6 +79,9 @@ class CounterfactualDistillConfig(RobustConfig):
         selection_distill_weights (`list[float]`, *optional*, defaults to `[30.0, 10.0]`):
             The beta candidates, in tie-breaking order: the paper's 30, and one step lower.
     """
+
+    # the grid plot's size changes no stage's outputs: not among the settings a resume must match
+    UNRECORDED_FIELDS: ClassVar[tuple[str, ...]] = ("plot_examples",)
 
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (paper: 3e-5)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (paper: 0.1)."})

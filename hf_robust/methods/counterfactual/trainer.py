@@ -48,7 +48,8 @@ from .embedding import image_embedding
 from ...data.core import DataValidationError
 from ...explain.rollout import gradient_weighted_rollout, normalize_by_max, patch_relevance_map, rollout_relevance
 from .wise_ft import interpolate_state_dicts
-from ...core.trainer import RobustTrainer, Stage, maybe_wrap_timm
+from ...core.trainer import RobustTrainer, Stage
+from ...models.timm_wrap import maybe_wrap_timm
 from .config import CounterfactualDistillConfig
 
 logger = logging.getLogger(__name__)

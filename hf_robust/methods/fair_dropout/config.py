@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ...core.config import RobustConfig
 from ..dfr.config import DFRConfig
@@ -58,6 +59,9 @@ class FairDropoutTrainingConfig(RobustConfig):
             evaluation-time masks folded into its weights (plain `from_pretrained`, the same predictions). Skipped,
             with a warning, for positions that cannot be folded (ViT blocks).
     """
+
+    # the stock export is an extra output of the final save: it changes no stage's outputs
+    UNRECORDED_FIELDS: ClassVar[tuple[str, ...]] = ("export_model",)
 
     fair_dropout_positions: list[str] | None = field(
         default=None,

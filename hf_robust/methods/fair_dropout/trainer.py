@@ -33,7 +33,12 @@ from .inject import (
     inject_fair_dropout,
     remove_fair_dropout,
 )
-from ...core.trainer import INITIAL_STAGE, RobustTrainer, RunSetupError, Stage, atomic_write_bytes, maybe_wrap_timm
+from ...core.checkpoints import RunSetupError
+from ...core.config import erm_checkpoint_of
+from ...core.files import atomic_write_bytes
+from ...core.stages import INITIAL_STAGE, Stage
+from ...core.trainer import RobustTrainer
+from ...models.timm_wrap import maybe_wrap_timm
 from ..dfr.rule import DFRRule
 from ..last_layer.retraining import LastLayerRetraining
 from .config import FairDropoutDFRConfig, FairDropoutTrainingConfig
@@ -72,7 +77,7 @@ class FairDropoutTrainer(RobustTrainer):
 
     def __init__(self, model, args: FairDropoutTrainingConfig | None = None, *pargs, **kwargs):
         args = self._resolve_args(args)  # needed before the base __init__: the hooks go in first
-        checkpoint = getattr(args, "erm_checkpoint", None)  # (FairDropout-DFR's config has one)
+        checkpoint = erm_checkpoint_of(args)  # (FairDropout-DFR's config has one)
         if checkpoint and args.p_gen is None and args.p_mem is None and Path(checkpoint).is_dir():
             try:  # a saved FairDropout model: its p values and positions (it was trained with them; nothing to select)
                 saved = FairDropoutConfig.from_pretrained(checkpoint)
@@ -95,7 +100,7 @@ class FairDropoutTrainer(RobustTrainer):
                     "model without FairDropout, or arguments that match it."
                 )
         super().__init__(model, args, *pargs, **kwargs)
-        if self.train_dataset is None and not getattr(args, "erm_checkpoint", None):
+        if self.train_dataset is None and not erm_checkpoint_of(args):
             raise DataValidationError(f"{type(self).__name__} needs a train_dataset: FairDropout is a training method.")
 
     @property
@@ -114,7 +119,7 @@ class FairDropoutTrainer(RobustTrainer):
 
     @property
     def selects(self) -> bool:
-        return self.args.selects_fair_dropout and not getattr(self.args, "erm_checkpoint", None)
+        return self.args.selects_fair_dropout and not erm_checkpoint_of(self.args)
 
     # ------------------------------------------------------------------ label-free selection
     def selection_positions(self) -> list[list[str]]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...core.config import ErmCheckpointArguments
+
 LAST_LAYER_OPTIMIZERS = ("sgd", "adamw")
 LAST_LAYER_SCHEDULERS = ("cosine", "linear", "constant")
 
 
 @dataclass
-class LastLayerArguments:
+class LastLayerArguments(ErmCheckpointArguments):
     r"""
     Parameters of the last-layer stages (`heldout` -> `scores` -> `select` -> `last_layer`, see
     `hf_robust.methods.last_layer.retraining`).
@@ -61,7 +63,6 @@ class LastLayerArguments:
             How often the head is evaluated on the model-selection half (recorded in the stage's history).
     """
 
-    erm_checkpoint: str | None = field(default=None, metadata={"help": "Start from this trained model instead of ERM."})
     heldout_split: str = field(
         default="validation", metadata={"help": "Eval split the held-out set is drawn from."}
     )

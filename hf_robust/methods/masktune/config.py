@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from ...core.config import RobustConfig
+from ...core.config import ErmCheckpointArguments, RobustConfig
 
 
 @dataclass
-class MaskTuneConfig(RobustConfig):
+class MaskTuneConfig(ErmCheckpointArguments, RobustConfig):
     r"""
     Configuration of [`MaskTuneTrainer`] (Taghanaki et al., "MaskTune: Mitigating Spurious Correlations by
     Forcing to Explore", NeurIPS 2022).
@@ -54,7 +55,7 @@ class MaskTuneConfig(RobustConfig):
             stand out MORE on unmasked test images (on `biased_digits` this undid most of the fine-tuning's
             gain). No effect on models without BatchNorm (LayerNorm, GroupNorm).
 
-    Parameters of the label-free selection (stage `select`, after ERM; `hf_robust.core.trainer.run_candidates`):
+    Parameters of the label-free selection (stage `select`, after ERM; `RobustTrainer.run_candidates`):
         masktune_selection (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: the knobs left unset (`finetune_learning_rate`, `finetune_batch_size`, `mask_threshold_std`)
             are chosen from the grids below by worst-CLASS accuracy on the `health_split` eval split (labels
@@ -81,7 +82,9 @@ class MaskTuneConfig(RobustConfig):
             Examples per group shown in the CAM overlay plot.
     """
 
-    erm_checkpoint: str | None = field(default=None, metadata={"help": "Start from this trained model instead of ERM."})
+    # the CAM plot's size changes no stage's outputs: not among the settings a resume must match
+    UNRECORDED_FIELDS: ClassVar[tuple[str, ...]] = ("cam_examples_per_group",)
+
     mask_method: str = field(default="xgradcam", metadata={"help": "'xgradcam' (MaskTune) or 'random' (RandMask)."})
     random_mask_min_side: int = field(default=2, metadata={"help": "RandMask: smallest window side (pixels)."})
     random_mask_max_side: int | None = field(

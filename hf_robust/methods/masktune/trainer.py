@@ -38,7 +38,8 @@ from ...explain.cam import xgradcam
 from ...data.core import DataValidationError
 from .masks import MaskStore, cam_at_input_size, image_masks, random_window_masks, token_masks
 from .selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
-from ...core.trainer import RobustTrainer, Stage, frozen_norm_statistics
+from ...core.trainer import RobustTrainer, Stage
+from .frozen_norm import frozen_norm_statistics
 from .config import MaskTuneConfig
 from .selection import candidate_grid, record_with_rounds, round_improves
 
@@ -76,12 +77,11 @@ class MaskTuneTrainer(RobustTrainer):
         if self.args.mask_method == "random" and self.input_kind != "image":
             raise DataValidationError("mask_method='random' (RandMask) masks image windows; this run has "
                                       f"{self.input_kind} inputs. Use mask_method='xgradcam'.")
-        if self.input_kind != "image":
-            if getattr(self.processing_class, "mask_token_id", None) is None:
-                raise DataValidationError(
-                    f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
-                    f"{type(self.processing_class).__name__} has none: use a tokenizer with a mask token (BERT-style)."
-                )
+        if self.input_kind != "image" and getattr(self.processing_class, "mask_token_id", None) is None:
+            raise DataValidationError(
+                f"MaskTune on text replaces tokens by the tokenizer's mask token, and "
+                f"{type(self.processing_class).__name__} has none: use a tokenizer with a mask token (BERT-style)."
+            )
         if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
         self.masks: MaskStore | None = None
