@@ -6,9 +6,9 @@ Methods as `transformers.Trainer` subclasses and model hooks, judged by worst-gr
 so that `import hf_robust` (and the CLI's --help) stays fast.
 """
 
-from importlib import import_module
 
 from . import _compat
+from ._lazy import lazy_exports
 from .methods.registry import trainer_exports
 
 __version__ = "0.1.0.dev0"
@@ -36,12 +36,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_robust' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 def __dir__():

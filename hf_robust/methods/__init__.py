@@ -5,7 +5,7 @@ Names are imported lazily: the configs need only transformers, so a CLI can buil
 trainers. `hf_robust.trainer` (the layout before this package) is an alias of this module.
 """
 
-from importlib import import_module
+from .._lazy import lazy_exports
 
 from .registry import trainer_exports
 
@@ -26,9 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -1,7 +1,7 @@
 """Models: loading by name (`presets`), what the methods need to know of a model (`adapter`) and the families
 hf_robust reads it from (`families`, one table), and the built-in models (`mnist_cnn`, `clip`, `digits_clip`)."""
 
-from importlib import import_module
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "load_model": ".presets",
@@ -14,9 +14,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, globals(), _EXPORTS)

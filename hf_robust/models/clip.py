@@ -29,6 +29,8 @@ from transformers import CLIPVisionConfig, PreTrainedConfig
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPVisionModel
 
+from .auto import register_image_classifier
+
 # The 80 prompts of OpenAI's ImageNet zero-shot notebook (CLIP repository, Prompt_Engineering_for_ImageNet).
 OPENAI_IMAGENET_TEMPLATES = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
@@ -256,14 +258,4 @@ def load_clip_zero_shot(
     return classifier, processor
 
 
-def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    try:
-        AutoConfig.register(CLIPZeroShotConfig.model_type, CLIPZeroShotConfig)
-        AutoModelForImageClassification.register(CLIPZeroShotConfig, CLIPZeroShotClassifier)
-    except ValueError:  # already registered (module reloaded)
-        pass
-
-
-_register_auto_classes()
+register_image_classifier(CLIPZeroShotConfig, CLIPZeroShotClassifier)

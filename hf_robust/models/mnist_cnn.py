@@ -25,6 +25,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from .auto import register_image_classifier
+
 
 class MnistCnnConfig(PreTrainedConfig):
     r"""
@@ -107,14 +109,4 @@ def load_mnist_cnn(num_labels: int, id2label: dict):
     return MnistCnnForImageClassification(config), mnist_cnn_processor(config.image_size)
 
 
-def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    try:
-        AutoConfig.register(MnistCnnConfig.model_type, MnistCnnConfig)
-        AutoModelForImageClassification.register(MnistCnnConfig, MnistCnnForImageClassification)
-    except ValueError:  # already registered (module reloaded)
-        pass
-
-
-_register_auto_classes()
+register_image_classifier(MnistCnnConfig, MnistCnnForImageClassification)

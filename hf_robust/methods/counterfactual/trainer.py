@@ -55,6 +55,20 @@ from .config import CounterfactualDistillConfig
 logger = logging.getLogger(__name__)
 
 
+# the paper the model card cites
+PAPER = {
+    "title": "Masked Images Are Counterfactual Samples for Robust Fine-tuning",
+    "url": "https://arxiv.org/abs/2303.03052",
+    "citation": (
+        "@inproceedings{xiao2023masked,\n"
+        "  title={Masked Images Are Counterfactual Samples for Robust Fine-tuning},\n"
+        "  author={Xiao, Yao and Tang, Ziyi and Wei, Pengxu and Liu, Cong and Lin, Liang},\n"
+        "  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition},\n"
+        "  year={2023}\n}"
+    ),
+}
+
+
 class TeacherMismatchError(ValueError):
     """The teacher cannot supervise the student: it reads other inputs or has another embedding size."""
 
@@ -70,17 +84,7 @@ class CounterfactualDistillTrainer(RobustTrainer):
     _tag_names = ["hf_robust", "counterfactual-distillation", "wise-ft"]
     _config_class = CounterfactualDistillConfig
     _name = "CounterfactualDistill"
-    _paper = {
-        "title": "Masked Images Are Counterfactual Samples for Robust Fine-tuning",
-        "url": "https://arxiv.org/abs/2303.03052",
-        "citation": (
-            "@inproceedings{xiao2023masked,\n"
-            "  title={Masked Images Are Counterfactual Samples for Robust Fine-tuning},\n"
-            "  author={Xiao, Yao and Tang, Ziyi and Wei, Pengxu and Liu, Cong and Lin, Liang},\n"
-            "  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition},\n"
-            "  year={2023}\n}"
-        ),
-    }
+    _paper = PAPER
     _summary = (
         "Counterfactual distillation fine-tunes a pre-trained (zero-shot CLIP) model with cross-entropy while a "
         "frozen copy of it supervises the student's image embedding on counterfactual images: the patches the "

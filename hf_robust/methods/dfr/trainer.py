@@ -20,6 +20,19 @@ from .config import DFRConfig
 from .rule import DFRRule
 
 
+# the paper the model card cites
+PAPER = {
+    "title": "Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations",
+    "url": "https://arxiv.org/abs/2204.02937",
+    "citation": (
+        "@inproceedings{kirichenko2023last,\n"
+        "  title={Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations},\n"
+        "  author={Kirichenko, Polina and Izmailov, Pavel and Wilson, Andrew Gordon},\n"
+        "  booktitle={The Eleventh International Conference on Learning Representations},\n  year={2023}\n}"
+    ),
+}
+
+
 class DFRTrainer(LastLayerTrainer):
     """ERM, then DFR: see the module docstring. Args as [`RobustTrainer`], with a [`DFRConfig`], plus
     `heldout_dataset` (default: the `heldout_split` entry of `eval_dataset`, "validation"). Refuses
@@ -28,16 +41,7 @@ class DFRTrainer(LastLayerTrainer):
     _tag_names = ["hf_robust", "dfr"]
     _config_class = DFRConfig
     _name = "DFR"
-    _paper = {
-        "title": "Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations",
-        "url": "https://arxiv.org/abs/2204.02937",
-        "citation": (
-            "@inproceedings{kirichenko2023last,\n"
-            "  title={Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations},\n"
-            "  author={Kirichenko, Polina and Izmailov, Pavel and Wilson, Andrew Gordon},\n"
-            "  booktitle={The Eleventh International Conference on Learning Representations},\n  year={2023}\n}"
-        ),
-    }
+    _paper = PAPER
     _summary = (
         "DFR (Deep Feature Reweighting) trains ERM, then retrains only the last layer, on the frozen features of "
         "a group-balanced (or class-balanced) subset of held-out data, with L1-regularised logistic regression: "

@@ -41,6 +41,7 @@ from ...core.trainer import RobustTrainer
 from ...models.timm_wrap import maybe_wrap_timm
 from ..dfr.rule import DFRRule
 from ..last_layer.retraining import LastLayerRetraining
+from ..last_layer.trainer import LastLayerHost
 from .config import FairDropoutDFRConfig, FairDropoutTrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -235,22 +236,21 @@ class FairDropoutTrainer(RobustTrainer):
             self.fair_dropout_config.save_pretrained(stage_dir)
         self.accelerator.wait_for_everyone()
 
-    def _load_fairdropout(self, stage_dir: Path) -> None:
-        saved = FairDropoutConfig.from_pretrained(stage_dir)
+    def _refuse_other_config(self, folder: Path, message: str) -> None:
+        """RunSetupError (`message` formatted with the saved and the asked config) unless `folder`'s
+        FairDropout config is this run's."""
+        saved = FairDropoutConfig.from_pretrained(folder)
         if saved != self.fair_dropout_config:
-            raise RunSetupError(
-                f"{stage_dir} holds a FairDropout stage trained with {saved}, this run asks for "
-                f"{self.fair_dropout_config}: resume with the same settings, or use a new output_dir."
-            )
+            raise RunSetupError(message.format(saved=saved, asked=self.fair_dropout_config))
+
+    def _load_fairdropout(self, stage_dir: Path) -> None:
+        self._refuse_other_config(stage_dir, f"{stage_dir} holds a FairDropout stage trained with {{saved}}, this run "
+                                             "asks for {asked}: resume with the same settings, or use a new output_dir.")
         self.load_model_state(stage_dir)
 
     def _load_fairdropout_checkpoint(self, folder: Path) -> None:
-        saved = FairDropoutConfig.from_pretrained(folder)
-        if saved != self.fair_dropout_config:
-            raise RunSetupError(
-                f"erm_checkpoint {folder} was trained with FairDropout {saved}, but this run asks for "
-                f"{self.fair_dropout_config}: use the same positions, p_gen, p_mem and seed."
-            )
+        self._refuse_other_config(folder, f"erm_checkpoint {folder} was trained with FairDropout {{saved}}, but this "
+                                          "run asks for {asked}: use the same positions, p_gen, p_mem and seed.")
         self.load_checkpoint_weights(folder, via_from_pretrained=False)  # the added projection is no stock key
 
     # ------------------------------------------------------------------ saving
@@ -335,7 +335,7 @@ class FairDropoutTrainer(RobustTrainer):
         return False, "FairDropout did not help on validation (worst-class accuracy): the ERM model was kept"
 
 
-class FairDropoutDFRTrainer(FairDropoutTrainer):
+class FairDropoutDFRTrainer(LastLayerHost, FairDropoutTrainer):
     """FairDropout, then DFR's last-layer retraining on its evaluation-mode features: see the module docstring.
     Args as [`FairDropoutTrainer`], with a [`FairDropoutDFRConfig`], plus `heldout_dataset` (default: the
     `heldout_split` entry of `eval_dataset`). The last-layer component is `self.last_layer`."""
@@ -355,17 +355,6 @@ class FairDropoutDFRTrainer(FairDropoutTrainer):
 
     def stages(self) -> list[Stage]:
         return super().stages() + self.last_layer.stages()
-
-    def results(self) -> dict:
-        return {**super().results(), **self.last_layer.results()}
-
-    def write_report(self, output_dir: str | None = None) -> None:
-        self.last_layer.write_plots(output_dir)  # before the card lists the plots
-        super().write_report(output_dir)
-
-    def health_dataset(self):
-        held = self.last_layer.health_dataset()
-        return held if held is not None else super().health_dataset()
 
     def _run_fairdropout(self, stage_dir: Path, resume: bool) -> None:
         super()._run_fairdropout(stage_dir, resume)

@@ -23,6 +23,19 @@ from .config import GradTuneConfig
 from .rule import GradTuneRule
 
 
+# the paper the model card cites
+PAPER = {
+    "title": "GradTune: Last-Layer Fine-Tuning for Group Robustness without Group Annotation",
+    "url": "https://github.com/patrikken/GradTune",
+    "citation": (
+        "@inproceedings{kenfack2025gradtune,\n"
+        "  title={GradTune: Last-Layer Fine-Tuning for Group Robustness without Group Annotation},\n"
+        "  author={Kenfack, Patrik Joslin and A{\\\"i}vodji, Ulrich and Kahou, Samira Ebrahimi},\n"
+        "  year={2025}\n}"
+    ),
+}
+
+
 class GradTuneTrainer(LastLayerTrainer):
     """ERM, then GradTune: see the module docstring. Args as [`RobustTrainer`], with a [`GradTuneConfig`], plus
     `heldout_dataset` (default: the `heldout_split` entry of `eval_dataset`, "validation")."""
@@ -30,16 +43,7 @@ class GradTuneTrainer(LastLayerTrainer):
     _tag_names = ["hf_robust", "gradtune"]
     _config_class = GradTuneConfig
     _name = "GradTune"
-    _paper = {
-        "title": "GradTune: Last-Layer Fine-Tuning for Group Robustness without Group Annotation",
-        "url": "https://github.com/patrikken/GradTune",
-        "citation": (
-            "@inproceedings{kenfack2025gradtune,\n"
-            "  title={GradTune: Last-Layer Fine-Tuning for Group Robustness without Group Annotation},\n"
-            "  author={Kenfack, Patrik Joslin and A{\\\"i}vodji, Ulrich and Kahou, Samira Ebrahimi},\n"
-            "  year={2025}\n}"
-        ),
-    }
+    _paper = PAPER
     _summary = (
         "GradTune trains ERM, scores every example of a held-out half of the validation set by the norm of its "
         "last-layer gradient (high for the examples the shortcut gets wrong), and fine-tunes only the last layer "

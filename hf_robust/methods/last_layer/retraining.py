@@ -21,10 +21,11 @@ skips them):
 
 A method plugs in with a `LastLayerRule` (GradTune's in `hf_robust.methods.gradtune.rule`, DFR's in
 `hf_robust.methods.dfr.rule`), passed explicitly. A trainer that starts with ERM subclasses
-`hf_robust.methods.last_layer.trainer.LastLayerTrainer`; any other holds the component and delegates to it, e.g.
-FairDropout-DFR (FairDropout training, then DFR)::
+`hf_robust.methods.last_layer.trainer.LastLayerTrainer`; any other holds the component and mixes in
+`LastLayerHost` (same module: results, plots and the health split handed to the component), e.g. FairDropout-DFR
+(FairDropout training, then DFR)::
 
-    class FairDropoutDFRTrainer(FairDropoutTrainer):
+    class FairDropoutDFRTrainer(LastLayerHost, FairDropoutTrainer):
         def __init__(self, model, args, *pargs, heldout_dataset=None, **kwargs):
             super().__init__(model, args, *pargs, **kwargs)
             # checks the held-out split (and the rule's needs) before any training
@@ -32,17 +33,6 @@ FairDropout-DFR (FairDropout training, then DFR)::
 
         def stages(self):
             return super().stages() + self.last_layer.stages()   # [..., heldout, scores, select, last_layer]
-
-        def results(self):
-            return {**super().results(), **self.last_layer.results()}
-
-        def write_report(self, output_dir=None):
-            self.last_layer.write_plots(output_dir)   # the gradient-norm plot, listed in the model card
-            super().write_report(output_dir)
-
-        def health_dataset(self):
-            held = self.last_layer.health_dataset()
-            return held if held is not None else super().health_dataset()
 
 The host's config mixes in `LastLayerArguments`. The stages before `heldout` must leave the model to retrain in
 `trainer.model` and, when they do not restore the model on resume, their `load` must.

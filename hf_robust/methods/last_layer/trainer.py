@@ -8,7 +8,23 @@ from ...data.core import DataValidationError
 from .retraining import LastLayerRetraining, LastLayerRule
 
 
-class LastLayerTrainer(RobustTrainer):
+class LastLayerHost:
+    """What a trainer that holds a `LastLayerRetraining` as `self.last_layer` hands to it: the results, the plots
+    (before the card lists them) and the health check's split. Mixed in before the trainer class."""
+
+    def results(self) -> dict:
+        return {**super().results(), **self.last_layer.results()}
+
+    def write_report(self, output_dir: str | None = None) -> None:
+        self.last_layer.write_plots(output_dir)  # before the card lists the plots
+        super().write_report(output_dir)
+
+    def health_dataset(self):
+        held = self.last_layer.health_dataset()
+        return held if held is not None else super().health_dataset()
+
+
+class LastLayerTrainer(LastLayerHost, RobustTrainer):
     """Stages: `erm` (trains ERM or loads `erm_checkpoint`, then records the "ERM" baseline) -> `heldout` ->
     `scores` -> `select` -> `last_layer` (`hf_robust.methods.last_layer.retraining`).
 
@@ -31,14 +47,3 @@ class LastLayerTrainer(RobustTrainer):
 
     def stages(self) -> list[Stage]:
         return [self.erm_baseline_stage(), *self.last_layer.stages()]
-
-    def results(self) -> dict:
-        return {**super().results(), **self.last_layer.results()}
-
-    def write_report(self, output_dir: str | None = None) -> None:
-        self.last_layer.write_plots(output_dir)  # before the card lists the plots
-        super().write_report(output_dir)
-
-    def health_dataset(self):
-        held = self.last_layer.health_dataset()
-        return held if held is not None else super().health_dataset()

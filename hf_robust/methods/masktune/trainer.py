@@ -46,23 +46,27 @@ from .selection import candidate_grid, record_with_rounds, round_improves
 logger = logging.getLogger(__name__)
 
 
+# the paper the model card cites
+PAPER = {
+    "title": "MaskTune: Mitigating Spurious Correlations by Forcing to Explore",
+    "url": "https://arxiv.org/abs/2210.00055",
+    "citation": (
+        "@inproceedings{taghanaki2022masktune,\n"
+        "  title={MaskTune: Mitigating Spurious Correlations by Forcing to Explore},\n"
+        "  author={Taghanaki, Saeid Asgari and Khani, Aliasghar and Khani, Fereshte and Gholami, Ali and "
+        "Tran, Linh and Mahdavi-Amiri, Ali and Hamarneh, Ghassan},\n"
+        "  booktitle={Advances in Neural Information Processing Systems},\n  year={2022}\n}"
+    ),
+}
+
+
 class MaskTuneTrainer(RobustTrainer):
     """ERM, then MaskTune: see the module docstring. Args as [`RobustTrainer`], with a [`MaskTuneConfig`]."""
 
     _tag_names = ["hf_robust", "masktune"]
     _config_class = MaskTuneConfig
     _name = "MaskTune"
-    _paper = {
-        "title": "MaskTune: Mitigating Spurious Correlations by Forcing to Explore",
-        "url": "https://arxiv.org/abs/2210.00055",
-        "citation": (
-            "@inproceedings{taghanaki2022masktune,\n"
-            "  title={MaskTune: Mitigating Spurious Correlations by Forcing to Explore},\n"
-            "  author={Taghanaki, Saeid Asgari and Khani, Aliasghar and Khani, Fereshte and Gholami, Ali and "
-            "Tran, Linh and Mahdavi-Amiri, Ali and Hamarneh, Ghassan},\n"
-            "  booktitle={Advances in Neural Information Processing Systems},\n  year={2022}\n}"
-        ),
-    }
+    _paper = PAPER
     _summary = (
         "MaskTune trains ERM, masks for every training example the input region its explanation (XGrad-CAM for "
         "the predicted class) relies on most, and fine-tunes for a single epoch on the masked data: the model "
