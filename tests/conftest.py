@@ -23,8 +23,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_FAMILIES = ["hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"]
+# the model families of the adapters (tiny models of each: make_model); the ONE list of them in the tests
 TEXT_FAMILIES = ["hf_bert"]
+IMAGE_FAMILIES = ["hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"]
+FAMILIES = TEXT_FAMILIES + IMAGE_FAMILIES
 
 
 def tiny_tokenizer(tmp_dir: Path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import FAMILIES, make_model
 from torch import nn
 
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
@@ -36,7 +36,7 @@ def _lora(model, family):
     return get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], r=4))
 
 
-CASES = [(family, False) for family in POSITIONS] + [("hf_bert", True), ("hf_vit", True)]
+CASES = [(family, False) for family in [*FAMILIES, "mnist_cnn"]] + [("hf_bert", True), ("hf_vit", True)]
 
 
 def _inputs(family):

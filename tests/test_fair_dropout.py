@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, quick_config
+from conftest import FAMILIES, make_model, quick_config
 from torch import nn
 
 from hf_robust.models.adapter import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
@@ -215,7 +215,7 @@ def test_training_without_example_idx_is_an_error_eval_is_not():
     model(**inputs)
 
 
-@pytest.mark.parametrize("family", ["hf_bert", "hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_p_gen_one_reproduces_the_plain_model(family):
     model, _ = make_model(family)
     plain, _ = make_model(family)

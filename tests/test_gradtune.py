@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import FAMILIES, make_model, quick_config
 
 from hf_robust.models.adapter import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
@@ -53,7 +53,7 @@ def per_sample_head_gradient_norms(model, adapter, inputs: dict, labels: torch.T
     return torch.stack(norms)
 
 
-@pytest.mark.parametrize("family", ["hf_bert", "hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_closed_form_norm_matches_per_sample_autograd(family):
     model, _ = make_model(family, num_labels=3)
     model = maybe_wrap_timm(model).eval()

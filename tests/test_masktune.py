@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import IMAGE_FAMILIES, make_model, quick_config
 from torch import nn
 
 from hf_robust.models.adapter import UnsupportedModelError, get_adapter
@@ -47,7 +47,7 @@ def reference_xgradcam(model, adapter, pixel_values):
     return np.stack(maps)
 
 
-@pytest.mark.parametrize("family", ["timm_wrapper_resnet", "hf_resnet", "hf_vit", "timm_vit"])
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_batched_xgradcam_matches_per_image_reference(family):
     model, _ = make_model(family)
     model = maybe_wrap_timm(model)
