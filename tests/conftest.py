@@ -314,27 +314,17 @@ def method_runs(tmp_path_factory, request, tokenizer) -> MethodRuns:
 
 LAUNCH_TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def shared_erm_checkpoint(erm_dir: str, family: str, data, common: dict) -> None:
-    """The ERM checkpoint that the one- and two-process runs of a tests/scripts/*_distributed.py script start
-    from: trained (1 epoch, batch 32, lr 1e-3) and saved by the first, one-process run; the second finds it."""
-    if Path(erm_dir).is_dir():
-        return
-    from hf_robust.methods import RobustConfig, RobustTrainer
-
-    model, processor = make_model(family, seed=0)
-    config = RobustConfig(output_dir=erm_dir + "_run", num_train_epochs=1, per_device_train_batch_size=32,
-                          learning_rate=1e-3, **common)
-    RobustTrainer(model, config, train_dataset=data["train"], processing_class=processor).train()
-    model.save_pretrained(erm_dir)
-
-
-# every 2-process check of the suite (tests/scripts/<name>.py, `main(out_json, work_dir[, erm_dir])`); the two
-# that start from a shared ERM checkpoint get its folder as a third argument
-DISTRIBUTED_CHECKS = ("distributed_check", "batchnorm_distributed", "fair_dropout_distributed",
-                      "counterfactual_distributed", "gradtune_distributed", "masktune_distributed")
-_CHECKS_WITH_ERM = ("gradtune_distributed", "masktune_distributed")
+# every 2-process check of the suite, in the order they run: name -> (script in tests/scripts, its arguments before
+# out_json and work_dir). A method's check is method_distributed.py <method> (which also gets the folder of the
+# shared ERM model its check may start from); batchnorm_distributed.py checks the core's BatchNorm synchronisation.
+DISTRIBUTED_CHECKS = {
+    "erm": ("method_distributed.py", ["erm"]),
+    "batchnorm": ("batchnorm_distributed.py", []),
+    "fairdropout": ("method_distributed.py", ["fairdropout"]),
+    "counterfactual": ("method_distributed.py", ["counterfactual"]),
+    "gradtune": ("method_distributed.py", ["gradtune"]),
+    "masktune": ("method_distributed.py", ["masktune"]),
+}
 
 
 @pytest.fixture(scope="session")
@@ -344,17 +334,19 @@ def distributed_checks(tmp_path_factory, digits):  # `digits` caches the benchma
     All checks share one process (one launch): the start-up of a process is about half of a check's time."""
     tmp = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    runner = Path(__file__).parent / "scripts" / "run_checks.py"
+    scripts = Path(__file__).parent / "scripts"
     for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
         plan = []
-        for name in DISTRIBUTED_CHECKS:
+        for name, (script, arguments) in DISTRIBUTED_CHECKS.items():
             folder = tmp / name
             folder.mkdir(exist_ok=True)
-            extra = [str(folder / "erm")] if name in _CHECKS_WITH_ERM else []  # trained by the 1-process run
-            plan.append([str(runner.parent / f"{name}.py"), str(folder / f"{world}.json"), str(folder / world), *extra])
+            outputs = [str(folder / f"{world}.json"), str(folder / world)]
+            if script == "method_distributed.py":  # the shared ERM model, trained by the 1-process run if needed
+                outputs.append(str(folder / "erm"))
+            plan.append([str(scripts / script), *arguments, *outputs])
         (tmp / f"{world}_plan.json").write_text(json.dumps(plan))
-        result = subprocess.run(prefix + [str(runner), str(tmp / f"{world}_plan.json")], env=env, capture_output=True,
-                                text=True, timeout=1800, cwd=tmp)
+        result = subprocess.run(prefix + [str(scripts / "run_checks.py"), str(tmp / f"{world}_plan.json")], env=env,
+                                capture_output=True, text=True, timeout=1800, cwd=tmp)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return {name: tuple(json.loads((tmp / name / f"{world}.json").read_text()) for world in ("one", "two"))
             for name in DISTRIBUTED_CHECKS}

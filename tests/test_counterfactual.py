@@ -1,7 +1,7 @@
 """Counterfactual distillation: the CLIP zero-shot classifier, attention rollout against a per-image reference,
 masks and refills, the loss against an independent computation, the frozen teacher (1 and 2 processes), the
 stages and WiSE-FT, the main job, the cached digits teacher, bad inputs. What every method's run must do (stages,
-report, resume, reload) is tested by tests/test_methods.py on the same runs."""
+report, resume, reload, N processes) is tested by tests/test_methods.py on the same runs."""
 
 import copy
 import json
@@ -575,17 +575,11 @@ def test_digits_teacher_is_trained_once_and_cached(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- two processes
-
-
-@pytest.fixture(scope="module")
-def distributed_runs(distributed_checks):
-    return distributed_checks["counterfactual_distributed"]
-
-
+# tests/scripts/method_distributed.py counterfactual (both runs really ran, every process holding the same student:
+# test_methods.py)
 @pytest.mark.distributed
-def test_teacher_stays_unwrapped_and_frozen_under_two_processes(distributed_runs):
-    one, two = distributed_runs
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+def test_teacher_stays_unwrapped_and_frozen_under_two_processes(distributed_checks):
+    one, two = distributed_checks["counterfactual"]
     assert two["student_wrapper"] == "DistributedDataParallel"  # the student is synchronised ...
     for run in (one, two):  # ... the teacher never: not wrapped, eval mode, no gradients, unchanged
         assert run["teacher_type"] == "CLIPZeroShotClassifier"
@@ -594,7 +588,7 @@ def test_teacher_stays_unwrapped_and_frozen_under_two_processes(distributed_runs
 
 
 @pytest.mark.distributed
-def test_two_processes_land_within_tolerance_of_one(distributed_runs):
+def test_two_processes_land_within_tolerance_of_one(distributed_checks):
     """Stated tolerance: the same 32 examples per optimizer step (2 x 16) and, with the global donor pool, the same
     masks and donors, so per-step losses and final parameters agree to 1e-3 (float reductions differ) and the
     evaluation accuracies to within one example. Measured spread after the 8 AdamW steps (2-core AMD EPYC): parameters
@@ -602,7 +596,7 @@ def test_two_processes_land_within_tolerance_of_one(distributed_runs):
     (ATEN_CPU_CAPABILITY default vs avx2); losses 1e-6 and 7.8e-5 (of ~16). The parameter tolerance is 11x the
     kernel-path spread, the tightest margin of the distributed comparisons: AdamW amplifies the rounding noise of
     small gradients, so a change of optimizer or run length here needs the spread measured again."""
-    one, two = distributed_runs
+    one, two = distributed_checks["counterfactual"]
     assert len(one["losses"]) == len(two["losses"]) == 8
     np.testing.assert_allclose(two["masked_fractions"], one["masked_fractions"], atol=1e-6)
     # random masks without refill are drawn for the global batch too (each process used to draw its rows alone)

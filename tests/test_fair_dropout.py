@@ -1,7 +1,7 @@
 """FairDropout: the example-tied masks (pure, vectorised, RNG-free), evaluation, injection by hooks into every
 family, persistence, export to stock transformers/timm models, activation checkpointing, the trainers (resume,
 FairDropout-DFR, the main job), 2 processes vs 1, bad inputs. What every method's run must do (stages, report,
-resume, reload with the model card's code) is tested by tests/test_methods.py on the same runs."""
+resume, reload with the model card's code, N processes) is tested by tests/test_methods.py on the same runs."""
 
 import json
 import sys
@@ -520,15 +520,11 @@ def test_main_job_runs_fairdropout_with_its_options(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2 processes vs 1
-@pytest.fixture(scope="module")
-def distributed_runs(distributed_checks):  # tests/scripts/fair_dropout_distributed.py
-    return distributed_checks["fair_dropout_distributed"]
-
-
+# tests/scripts/method_distributed.py fairdropout (both runs really ran, every process holding the same weights:
+# test_methods.py)
 @pytest.mark.distributed
-def test_two_processes_give_every_example_its_one_process_mask(distributed_runs):
-    one, two = distributed_runs
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+def test_two_processes_give_every_example_its_one_process_mask(distributed_checks):
+    one, two = distributed_checks["fairdropout"]
     # every example, at both positions, over both epochs: one mask only, and the one of the 1-process run
     assert one["masks"].keys() == two["masks"].keys() and len(one["masks"]) == 2 * 64
     assert all(len(v) == 1 for v in one["masks"].values()) and all(len(v) == 1 for v in two["masks"].values())
@@ -537,12 +533,12 @@ def test_two_processes_give_every_example_its_one_process_mask(distributed_runs)
 
 
 @pytest.mark.distributed
-def test_two_processes_train_within_tolerance(distributed_runs):
+def test_two_processes_train_within_tolerance(distributed_checks):
     """Stated tolerance: the same 32 examples per optimizer step (2 x 16), so after 2 epochs the per-step losses
     and the parameters agree to 1e-3 and validation accuracies to within one example. Measured spread of the
     parameters after the 4 AdamW steps (2-core AMD EPYC): 1 vs 2 processes 6.5e-7, 1-process runs that differ only in
     kernel path (ATEN_CPU_CAPABILITY default vs avx2) 3.4e-6; losses <= 6e-8: the tolerance is 290x the largest."""
-    one, two = distributed_runs
+    one, two = distributed_checks["fairdropout"]
     assert len(one["train_losses"]) == len(two["train_losses"]) == 4
     np.testing.assert_allclose(two["train_losses"], one["train_losses"], atol=1e-3)
     np.testing.assert_allclose(np.asarray(two["params"]), np.asarray(one["params"]), atol=1e-3)
@@ -551,10 +547,10 @@ def test_two_processes_train_within_tolerance(distributed_runs):
 
 
 @pytest.mark.distributed
-def test_two_processes_select_the_one_process_candidate(distributed_runs):
+def test_two_processes_select_the_one_process_candidate(distributed_checks):
     """The label-free selection (ERM + 2 positions x 1 pair) under 2 processes: the same candidates, each scored
     on all 61 validation examples, per-class accuracies within one example of the 1-process run's, the same choice."""
-    one, two = distributed_runs
+    one, two = distributed_checks["fairdropout"]
     knobs = [c["knobs"] for c in one["selection"]["candidates"]]
     assert knobs == [{"positions": ["pooled"], "p_gen": 1.0, "p_mem": 1.0},
                      {"positions": ["pooled"], "p_gen": 0.25, "p_mem": 0.3},

@@ -1,6 +1,6 @@
 """GradTune and DFR: the closed-form last-layer gradient norm against per-sample autograd, the selection rules,
 the head trainer, the stages and resume, 2 processes = 1 process, no group labels, DFR's subsets and head,
-bad inputs. What every method's run must do (stages, report, resume, reload) is tested by
+bad inputs. What every method's run must do (stages, report, resume, reload, N processes) is tested by
 tests/test_methods.py on the same runs."""
 
 import json
@@ -476,24 +476,17 @@ def test_train_script_runs_gradtune_and_parses_dfr(tmp_path, digits):
 
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
-
-
-@pytest.fixture(scope="module")
-def distributed_runs(distributed_checks):  # tests/scripts/gradtune_distributed.py
-    return distributed_checks["gradtune_distributed"]
-
-
 @pytest.mark.distributed
-def test_two_processes_score_and_select_exactly_like_one(distributed_runs):
+def test_two_processes_score_and_select_exactly_like_one(distributed_checks):
     """Measured spread (2-core AMD EPYC): the gradient norms are bit-identical between 1 and 2 processes and agree to
     1.4e-7 (relative) between 1-process runs that differ only in kernel path (ATEN_CPU_CAPABILITY default vs avx2),
     70x inside rtol 1e-5; the head to 4.8e-8 (atol 1e-5). The selection is exact: the top-k boundary of the held-out
-    norms lies 4.6e-4 (relative) apart, 3000x the spread, and the same examples were selected under every setting."""
-    one, two = distributed_runs
-    assert one["world_size"] == 1 and two["world_size"] == 2
+    norms lies 4.6e-4 (relative) apart, 3000x the spread, and the same examples were selected under every setting.
+    tests/scripts/method_distributed.py gradtune (both runs really ran, every process holding the same selection
+    and head: test_methods.py)."""
+    one, two = distributed_checks["gradtune"]
     assert two["example_idx"] == one["example_idx"] and len(one["example_idx"]) == 101
     np.testing.assert_allclose(two["norms"], one["norms"], rtol=1e-5)
     assert two["heldout_idx"] == one["heldout_idx"]
     assert two["selected"] == one["selected"] and len(one["selected"]) == 40
     np.testing.assert_allclose(two["head"], one["head"], rtol=1e-4, atol=1e-5)
-    assert two["ranks_agree"]  # every process holds the same selection and head

@@ -1,8 +1,9 @@
 """The common tester: every method of the registry on every model family it supports (CASES), each case trained once
 per session (`method_runs`, tests/conftest.py) and checked alike — the run trains and writes its results, model card
 and health check with the method's stage names; a resumed finished run recomputes nothing and gives the same
-results; the saved model loads with the model card's own code and gives the trained model's logits. Each method's
-own behaviour is tested in its file (tests/test_<method>.py), which reads the same runs.
+results; the saved model loads with the model card's own code and gives the trained model's logits; N processes
+give what one gives (tests/scripts/method_distributed.py). Each method's own behaviour is tested in its file
+(tests/test_<method>.py), which reads the same runs.
 """
 
 import json
@@ -10,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, TEXT_FAMILIES, RunDir, case_id, make_trainer
+from conftest import DISTRIBUTED_CHECKS, FAMILIES, TEXT_FAMILIES, RunDir, case_id, make_trainer
 
 from hf_robust.core.trainer import atomic_write_json
 from hf_robust.methods.registry import METHODS
@@ -80,6 +81,9 @@ CASES = _OWN_CASES + [
 ]
 IDS = [case_id(case) for case in CASES]
 READ_ELSEWHERE = {case_id(case) for case in _OWN_CASES}
+# the methods with a 2-process check (tests/scripts/method_distributed.py <method>); DFR and FairDropout-DFR have
+# none of their own (their held-out split and sharded feature pass are the last-layer stages GradTune's check runs)
+DISTRIBUTED_METHODS = [name for name, (script, _) in DISTRIBUTED_CHECKS.items() if script == "method_distributed.py"]
 
 
 def expected(method: str, config: dict) -> dict:
@@ -263,3 +267,14 @@ def test_saved_model_loads_with_the_cards_code(case_run, method_runs, monkeypatc
     exported = 'subfolder="exported"' in code
     torch.testing.assert_close(logits, expected_logits, rtol=0 if exported else 1e-5, atol=1e-5 if exported else 1e-6)
 
+
+# ----------------------------------------------------------------------------- N processes
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", DISTRIBUTED_METHODS)
+def test_two_processes_really_ran_and_agree(method, distributed_checks):
+    """Each method's check ran as one process and as two, and the two processes ended with the same model and
+    method outputs (the method's tests compare the two runs: tests/test_<method>.py, ERM's test_distributed.py)."""
+    one, two = distributed_checks[method]
+    assert (one["method"], two["method"]) == (method, method)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["ranks_agree"] and two["ranks_agree"]
