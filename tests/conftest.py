@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 # Offline, with a throw-away HF_HOME, before anything imports huggingface_hub / datasets / transformers.
 _HF_HOME = tempfile.mkdtemp(prefix="hf_robust_tests_home_")
@@ -23,8 +24,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_FAMILIES = ["hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"]
+# the model families of the adapters (tiny models of each: make_model); the ONE list of them in the tests
 TEXT_FAMILIES = ["hf_bert"]
+IMAGE_FAMILIES = ["hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"]
+FAMILIES = TEXT_FAMILIES + IMAGE_FAMILIES
+# models one method or benchmark needs, built by make_model too: MaskTune's biased-MNIST CNN, counterfactual
+# distillation's CLIP zero-shot classifier (student and teacher)
+PRESET_FAMILIES = ["mnist_cnn", "clip_zero_shot"]
+# the raw timm families: timm.create_model's arguments beyond the architecture's defaults (a ViT's img_size is
+# found by itself), which a saved folder needs to rebuild the model (`maybe_wrap_timm(model, model_args=...)`).
+# The ResNet's data config is the digits' 32x32, as every other family's (its architecture's says 224); the ViT's
+# says 224 and is read at its img_size, 32, by hf_robust (tests/test_adapters.py).
+TIMM_RESNET_DATA_CONFIG = {"input_size": (3, 32, 32), "crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+TIMM_MODELS = {"timm_resnet": ("resnet18", {"channels": [8, 16, 32, 32]}),
+               "timm_vit": ("vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})}
 
 
 def tiny_tokenizer(tmp_dir: Path):
@@ -44,7 +57,7 @@ def tiny_tokenizer(tmp_dir: Path):
 
 
 def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: int = 0):
-    """(model, image processor or None) — tiny random models for every adapter family."""
+    """(model, image processor or None) — tiny random models of every family (FAMILIES, PRESET_FAMILIES)."""
     torch.manual_seed(seed)
     from transformers import (
         BertConfig,
@@ -72,15 +85,12 @@ def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: in
     if family == "hf_resnet":
         config = ResNetConfig(hidden_sizes=[8, 16, 32, 32], embedding_size=8, depths=[1, 1, 1, 1], num_labels=num_labels)
         return ResNetForImageClassification(config), processor
-    if family == "timm_resnet":
+    if family in TIMM_MODELS:
         import timm
 
-        return timm.create_model("resnet18", pretrained=False, num_classes=num_labels, channels=(8, 16, 32, 32)), None
-    if family == "timm_vit":
-        import timm
-
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_labels, img_size=32,
-                                 patch_size=8, embed_dim=32, depth=2, num_heads=2), None
+        architecture, model_args = TIMM_MODELS[family]
+        size = {"img_size": 32} if family == "timm_vit" else {"pretrained_cfg_overlay": TIMM_RESNET_DATA_CONFIG}
+        return timm.create_model(architecture, pretrained=False, num_classes=num_labels, **size, **model_args), None
     if family == "timm_wrapper_resnet":
         config = TimmWrapperConfig(
             # output_stride 8 keeps a 4x4 last map at 32x32, as the digits preset: CAMs have a spatial extent
@@ -92,6 +102,10 @@ def make_model(family: str, num_labels: int = 2, vocab_size: int = 200, seed: in
         from hf_robust.models.mnist_cnn import MnistCnnConfig, MnistCnnForImageClassification, mnist_cnn_processor
 
         return MnistCnnForImageClassification(MnistCnnConfig(image_size=32, num_labels=num_labels)), mnist_cnn_processor(32)
+    if family == "clip_zero_shot":  # a tiny CLIP's zero-shot classifier of the two biased_digits classes
+        from counterfactual_helpers import tiny_clip_classifier
+
+        return tiny_clip_classifier(seed=seed)
     raise ValueError(family)
 
 
@@ -129,6 +143,25 @@ def small_digits(digits):
 
 
 @pytest.fixture(scope="session")
+def tiny_digits(small_digits):
+    """The smallest biased_digits splits a method runs on (one training step of 32, both classes in every split):
+    the matrix cases of tests/test_methods.py that no other test reads."""
+    from datasets import DatasetDict
+
+    return DatasetDict({"train": small_digits["train"].select(range(32)),
+                        "validation": small_digits["validation"].select(range(32))})
+
+
+@pytest.fixture(scope="session")
+def clip_data(small_digits):
+    """small_digits with 48 validation examples: counterfactual distillation's runs (a CLIP model per candidate)."""
+    from datasets import DatasetDict
+
+    return DatasetDict({"train": small_digits["train"], "validation": small_digits["validation"].select(range(48)),
+                        "test_biased": small_digits["test_biased"]})
+
+
+@pytest.fixture(scope="session")
 def text_data():
     from datasets import DatasetDict
 
@@ -143,29 +176,155 @@ def tokenizer(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
+# ----------------------------------------------------------------------------- one trainer factory
+# each method's test settings unless a test says otherwise: the paper's method (the method's label-free selection
+# off), short runs
+METHOD_TEST_DEFAULTS = {
+    "erm": dict(logging_steps=100),
+    "masktune": dict(masktune_selection="off"),
+    "gradtune": dict(finetune_set_size=30, last_layer_epochs=100, logging_steps=100),
+    "dfr": dict(),
+    "fairdropout": dict(logging_steps=100, fairdropout_selection="off"),
+    "fairdropout_dfr": dict(logging_steps=100, fairdropout_selection="off"),
+    # beta = 30 (the paper's), no selection of beta
+    "counterfactual": dict(learning_rate=1e-3, warmup_steps=0, wise_ft_alphas=[0.5], plot_examples=3,
+                           counterfactual_selection="off"),
+}
+
+
+def method_config(method: str, output_dir, **kwargs):
+    """`quick_config` of the registry's config class of `method`, with its METHOD_TEST_DEFAULTS; kwargs override."""
+    from hf_robust.methods.registry import get_method
+
+    return quick_config(get_method(method).config_class(), output_dir, **{**METHOD_TEST_DEFAULTS[method], **kwargs})
+
+
+def make_trainer(method: str, family: str, data, output_dir, *, model=None, processor=None, tokenizer=None,
+                 model_seed: int = 0, eval_splits=None, trainer_kwargs: dict | None = None, **config_kwargs):
+    """The registry's trainer of `method` on a tiny `family` model (`make_model(family, seed=model_seed)`, or the given
+    `model` and `processor`), trained on data["train"] and evaluated on `eval_splits` (default: every other split
+    of `data`), with `method_config(method, output_dir, **config_kwargs)`. Text families read `tokenizer`; raw
+    timm models are wrapped with the arguments they were built with (TIMM_MODELS), so that their saved folder
+    reloads. `trainer_kwargs` go to the trainer (dataset_name=, teacher=, heldout_dataset=, ...)."""
+    from hf_robust.core.trainer import maybe_wrap_timm
+    from hf_robust.methods.registry import get_method
+
+    if model is None:
+        model, processor = make_model(family, seed=model_seed,
+                                      **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
+        if family in TIMM_MODELS:
+            model = maybe_wrap_timm(model, model_args=TIMM_MODELS[family][1])
+    if tokenizer is not None:
+        processor = tokenizer
+    if eval_splits is None:
+        eval_splits = [name for name in data if name != "train"]
+    eval_dataset = {name: data[name] for name in eval_splits} or None
+    return get_method(method).trainer_class()(
+        model, method_config(method, output_dir, **config_kwargs), train_dataset=data["train"],
+        eval_dataset=eval_dataset, processing_class=processor, **(trainer_kwargs or {}),
+    )
+
+
+# ----------------------------------------------------------------------------- the method x family matrix's runs
+DATA_FIXTURES = ("small_digits", "tiny_digits", "clip_data", "text_data")
+DATASET_NAMES = {"small_digits": "biased_digits", "tiny_digits": "biased_digits", "clip_data": "biased_digits",
+                 "text_data": "spurious_text"}
+
+
+def case_id(case) -> str:
+    """`<method>-<family>[-<variant>]`: the id of a (method, family, data fixture, config kwargs[, variant]) case of
+    tests/test_methods.py."""
+    return "-".join([case[0], case[1], *case[4:]])
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A config value of a case: the output folder of the case `case_id`, trained first (e.g. the FairDropout
+    model a FairDropout-DFR case starts from: `erm_checkpoint=RunDir("fairdropout-timm_wrapper_resnet")`)."""
+
+    case_id: str
+
+
+@dataclass
+class MethodRun:
+    """A case of tests/test_methods.py CASES trained (`train()`, `evaluate()`, `save_model()`) into `output_dir`."""
+
+    case: tuple
+    trainer: object
+    metrics: dict  # what evaluate() returned after training
+    output_dir: Path
+    initial_state: dict  # state dicts before training: "model" and, for a method with one, "teacher"
+
+
+class MethodRuns:
+    """`runs[case_id]`: a case of tests/test_methods.py CASES, trained on first use and kept for the session (the
+    common tester and the method's own tests read the same run)."""
+
+    def __init__(self, tmp_path_factory, data: dict, tokenizer):
+        self._tmp, self.data, self.tokenizer, self._runs = tmp_path_factory, data, tokenizer, {}
+
+    @staticmethod
+    def cases() -> dict:
+        import test_methods  # the matrix lives with its tester; imported here when only a method's file runs
+
+        return {case_id(case): case for case in test_methods.CASES}
+
+    def new_trainer(self, key: str, output_dir) -> object:
+        """A fresh, untrained trainer of the case `key` (its method, model, data and config) into `output_dir`."""
+        method, family, data_name, config = self.cases()[key][:4]
+        config = {k: str(self[v.case_id].output_dir) if isinstance(v, RunDir) else v for k, v in config.items()}
+        return make_trainer(method, family, self.data[data_name], output_dir,
+                            tokenizer=self.tokenizer if family in TEXT_FAMILIES else None,
+                            trainer_kwargs={"dataset_name": DATASET_NAMES[data_name]}, **config)
+
+    def __getitem__(self, key: str) -> MethodRun:
+        if key not in self._runs:
+            out = self._tmp.mktemp(key)
+            trainer = self.new_trainer(key, out)
+            initial = {name: {k: v.detach().clone() for k, v in getattr(trainer, name).state_dict().items()}
+                       for name in ("model", "teacher") if hasattr(trainer, name)}
+            trainer.train()
+            metrics = trainer.evaluate()
+            trainer.save_model()
+            self._runs[key] = MethodRun(self.cases()[key], trainer, metrics, out, initial)
+        return self._runs[key]
+
+    def release(self, key: str) -> None:
+        """Drop the run (its folder stays): a run no other test reads."""
+        self._runs.pop(key, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_garbage_collection_before_each_training_loop():
+    """transformers' Trainer.train() starts with accelerate's `free_memory()`, whose `gc.collect()` frees device
+    memory: on CPU there is none, and a full collection in a session that holds many runs costs up to 0.6 s per
+    training loop (each stage of each method). The tests skip that collection (Python's own still runs)."""
+    import accelerate.accelerator
+
+    original = accelerate.accelerator.release_memory
+    accelerate.accelerator.release_memory = lambda *objects: [None] * len(objects)
+    yield
+    accelerate.accelerator.release_memory = original
+
+
+@pytest.fixture(scope="session")
+def method_runs(tmp_path_factory, request, tokenizer) -> MethodRuns:
+    return MethodRuns(tmp_path_factory, {name: request.getfixturevalue(name) for name in DATA_FIXTURES}, tokenizer)
+
+
 LAUNCH_TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def shared_erm_checkpoint(erm_dir: str, family: str, data, common: dict) -> None:
-    """The ERM checkpoint that the one- and two-process runs of a tests/scripts/*_distributed.py script start
-    from: trained (1 epoch, batch 32, lr 1e-3) and saved by the first, one-process run; the second finds it."""
-    if Path(erm_dir).is_dir():
-        return
-    from hf_robust.methods import RobustConfig, RobustTrainer
-
-    model, processor = make_model(family, seed=0)
-    config = RobustConfig(output_dir=erm_dir + "_run", num_train_epochs=1, per_device_train_batch_size=32,
-                          learning_rate=1e-3, **common)
-    RobustTrainer(model, config, train_dataset=data["train"], processing_class=processor).train()
-    model.save_pretrained(erm_dir)
-
-
-# every 2-process check of the suite (tests/scripts/<name>.py, `main(out_json, work_dir[, erm_dir])`); the two
-# that start from a shared ERM checkpoint get its folder as a third argument
-DISTRIBUTED_CHECKS = ("distributed_check", "batchnorm_distributed", "fair_dropout_distributed",
-                      "counterfactual_distributed", "gradtune_distributed", "masktune_distributed")
-_CHECKS_WITH_ERM = ("gradtune_distributed", "masktune_distributed")
+# every 2-process check of the suite, in the order they run: name -> (script in tests/scripts, its arguments before
+# out_json and work_dir). A method's check is method_distributed.py <method> (which also gets the folder of the
+# shared ERM model its check may start from); batchnorm_distributed.py checks the core's BatchNorm synchronisation.
+DISTRIBUTED_CHECKS = {
+    "erm": ("method_distributed.py", ["erm"]),
+    "batchnorm": ("batchnorm_distributed.py", []),
+    "fairdropout": ("method_distributed.py", ["fairdropout"]),
+    "counterfactual": ("method_distributed.py", ["counterfactual"]),
+    "gradtune": ("method_distributed.py", ["gradtune"]),
+    "masktune": ("method_distributed.py", ["masktune"]),
+}
 
 
 @pytest.fixture(scope="session")
@@ -175,17 +334,19 @@ def distributed_checks(tmp_path_factory, digits):  # `digits` caches the benchma
     All checks share one process (one launch): the start-up of a process is about half of a check's time."""
     tmp = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    runner = Path(__file__).parent / "scripts" / "run_checks.py"
+    scripts = Path(__file__).parent / "scripts"
     for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
         plan = []
-        for name in DISTRIBUTED_CHECKS:
+        for name, (script, arguments) in DISTRIBUTED_CHECKS.items():
             folder = tmp / name
             folder.mkdir(exist_ok=True)
-            extra = [str(folder / "erm")] if name in _CHECKS_WITH_ERM else []  # trained by the 1-process run
-            plan.append([str(runner.parent / f"{name}.py"), str(folder / f"{world}.json"), str(folder / world), *extra])
+            outputs = [str(folder / f"{world}.json"), str(folder / world)]
+            if script == "method_distributed.py":  # the shared ERM model, trained by the 1-process run if needed
+                outputs.append(str(folder / "erm"))
+            plan.append([str(scripts / script), *arguments, *outputs])
         (tmp / f"{world}_plan.json").write_text(json.dumps(plan))
-        result = subprocess.run(prefix + [str(runner), str(tmp / f"{world}_plan.json")], env=env, capture_output=True,
-                                text=True, timeout=1800, cwd=tmp)
+        result = subprocess.run(prefix + [str(scripts / "run_checks.py"), str(tmp / f"{world}_plan.json")], env=env,
+                                capture_output=True, text=True, timeout=1800, cwd=tmp)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return {name: tuple(json.loads((tmp / name / f"{world}.json").read_text()) for world in ("one", "two"))
             for name in DISTRIBUTED_CHECKS}

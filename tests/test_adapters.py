@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import FAMILIES, make_model, quick_config
 from torch import nn
 
 from hf_robust.methods.fair_dropout.positions import get_position, positions_for
@@ -38,7 +38,7 @@ def _lora(model, family):
     return get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], r=4))
 
 
-CASES = [(family, False) for family in POSITIONS] + [("hf_bert", True), ("hf_vit", True)]
+CASES = [(family, False) for family in [*FAMILIES, "mnist_cnn"]] + [("hf_bert", True), ("hf_vit", True)]
 
 
 def _inputs(family):

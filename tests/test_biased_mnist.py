@@ -255,22 +255,17 @@ def test_every_method_runs_on_the_mnist_cnn(tmp_path, tiny_mnist, method):
     """Each method through the adapters on the preset: ERM stage + its own stages, evaluated by group."""
     from conftest import quick_config
 
+    from hf_robust.methods.registry import get_method
     from hf_robust.models import load_model
-    from hf_robust.methods import (
-        DFRConfig, DFRTrainer, FairDropoutTrainer, FairDropoutTrainingConfig, GradTuneConfig, GradTuneTrainer,
-        MaskTuneConfig, MaskTuneTrainer,
-    )
 
-    classes = {"masktune": (MaskTuneConfig, MaskTuneTrainer, {}),
-               "gradtune": (GradTuneConfig, GradTuneTrainer, {"finetune_set_size": 20, "top_k": 10}),
-               "dfr": (DFRConfig, DFRTrainer, {}),
-               "fairdropout": (FairDropoutTrainingConfig, FairDropoutTrainer, {"fair_dropout_positions": ["conv3"]})}
-    config_class, trainer_class, extra = classes[method]
+    extra = {"gradtune": {"finetune_set_size": 20, "top_k": 10}, "fairdropout": {"fair_dropout_positions": ["conv3"]}}
+    spec = get_method(method)  # with the method's own defaults (its label-free selection where it has one)
     data = _tiny_biased(tiny_mnist)
     torch.manual_seed(0)
     model, processor = load_model("mnist-cnn", 2, data["train"].features["label"].names)
-    args = quick_config(config_class, tmp_path / method, **extra)
-    trainer = trainer_class(model, args, train_dataset=data["train"], eval_dataset=dict(data), processing_class=processor)
+    args = quick_config(spec.config_class(), tmp_path / method, **extra.get(method, {}))
+    trainer = spec.trainer_class()(model, args, train_dataset=data["train"], eval_dataset=dict(data),
+                                   processing_class=processor)
     trainer.train()
     trainer.evaluate()
     results = trainer.results()

@@ -1,6 +1,7 @@
 """FairDropout: the example-tied masks (pure, vectorised, RNG-free), evaluation, injection by hooks into every
 family, persistence, export to stock transformers/timm models, activation checkpointing, the trainers (resume,
-FairDropout-DFR, the main job), 2 processes vs 1, bad inputs."""
+FairDropout-DFR, the main job), 2 processes vs 1, bad inputs. What every method's run must do (stages, report,
+resume, reload with the model card's code, N processes) is tested by tests/test_methods.py on the same runs."""
 
 import json
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, quick_config
+from conftest import FAMILIES, make_model, make_trainer, quick_config
 from torch import nn
 
 from hf_robust.models.adapter import EXAMPLE_IDX_FLAG, UnsupportedModelError, get_adapter
@@ -25,12 +26,7 @@ from hf_robust.methods.fair_dropout.inject import (
 )
 from hf_robust.methods.fair_dropout import FairDropout, eval_scale, fair_dropout_mask
 from hf_robust.methods.fair_dropout.layer import fair_dropout
-from hf_robust.methods import (
-    FairDropoutDFRConfig,
-    FairDropoutDFRTrainer,
-    FairDropoutTrainer,
-    FairDropoutTrainingConfig,
-)
+from hf_robust.methods import FairDropoutTrainer, FairDropoutTrainingConfig
 from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 HERE = Path(__file__).parent
@@ -216,7 +212,7 @@ def test_training_without_example_idx_is_an_error_eval_is_not():
     model(**inputs)
 
 
-@pytest.mark.parametrize("family", ["hf_bert", "hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_p_gen_one_reproduces_the_plain_model(family):
     model, _ = make_model(family)
     plain, _ = make_model(family)
@@ -379,36 +375,24 @@ def test_activation_checkpointing_recomputes_the_same_masks(family, positions, m
 
 
 # ----------------------------------------------------------------------------- the trainers
-def fair_dropout_trainer(tmp_path, data, family="timm_wrapper_resnet", trainer_class=FairDropoutTrainer,
-                         config_class=FairDropoutTrainingConfig, **kwargs):
-    model, processor = make_model(family)
-    args = quick_config(config_class, tmp_path, **{"logging_steps": 100, "fairdropout_selection": "off", **kwargs})
-    return trainer_class(model, args, train_dataset=data["train"], processing_class=processor,
-                         eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]},
-                         dataset_name="biased_digits")
+# FairDropout at dp3 and dp5 on the tiny wrapped timm ResNet (p_gen=0.25, p_mem=0.3), 1 epoch, saved (model, config,
+# report, exported model): the run of tests/test_methods.py, trained once per session; FairDropout-DFR from it
+RUN, DFR_RUN = "fairdropout-timm_wrapper_resnet", "fairdropout_dfr-timm_wrapper_resnet"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_digits):
-    """FairDropout at dp3 and dp5 on a tiny ResNet, 1 epoch, saved (model, config, report, exported model)."""
-    out = tmp_path_factory.mktemp("fairdropout")
-    trainer = fair_dropout_trainer(out, small_digits, fair_dropout_positions=["dp3", "dp5"], p_gen=0.25, p_mem=0.3)
-    trainer.train()
-    metrics = trainer.evaluate()
-    trainer.save_model()
-    return trainer, metrics, out
-
-
-def test_trainer_passes_example_idx_and_saves_everything(trained, small_digits):
+def test_trainer_passes_example_idx_and_saves_everything(method_runs, small_digits):
     from transformers import AutoModelForImageClassification
 
-    trainer, metrics, out = trained
-    assert trainer.finished_stages == ["initial", "fairdropout"]  # the model as given: the health reference
+    run = method_runs[RUN]
+    trainer, metrics, out = run.trainer, run.metrics, run.output_dir
+    # (its stages, "initial" (the model as given: the health reference) and "fairdropout", and its report:
+    # test_methods.py)
     assert json.loads((out / CONFIG_NAME).read_text())["positions"] == ["dp3", "dp5"]
     results = json.loads((out / "results.json").read_text())
-    assert results["fair_dropout"]["p_gen"] == 0.25 and results["method"] == "FairDropout"
+    assert results["fair_dropout"]["p_gen"] == 0.25
     assert "load_fair_dropout" in (out / "README.md").read_text()
     # the saved folder restores the FairDropout model; `exported/` is a stock model with the same predictions
+    # (the model card loads that one: test_methods.py)
     restored = load_fair_dropout(AutoModelForImageClassification.from_pretrained(out), out).eval()
     stock = AutoModelForImageClassification.from_pretrained(out / "exported").eval()
     assert fair_dropout_modules(stock) is None
@@ -418,7 +402,6 @@ def test_trainer_passes_example_idx_and_saves_everything(trained, small_digits):
     with torch.no_grad():
         expected = model(pixel_values=batch["pixel_values"]).logits
         torch.testing.assert_close(restored(pixel_values=batch["pixel_values"]).logits, expected)
-        torch.testing.assert_close(stock(pixel_values=batch["pixel_values"]).logits, expected, rtol=0, atol=1e-5)
     # evaluation is the eval-mode model (memorising neurons dropped): the reported accuracy is its accuracy
     accuracy = (expected.argmax(-1).numpy() == np.asarray(test["label"])).mean()
     assert metrics["eval_test_biased_accuracy"] == pytest.approx(accuracy)
@@ -442,7 +425,7 @@ def test_masks_follow_example_idx_and_survive_a_resume(tmp_path, small_digits, m
     kwargs = dict(fair_dropout_positions=["dp3"], num_train_epochs=2, per_device_train_batch_size=16,
                   save_strategy="epoch", export_model=False, p_mem=0.5, lr_scheduler_type="constant")
     monkeypatch.setattr(layer_module, "fair_dropout_mask", recording)
-    full = fair_dropout_trainer(tmp_path / "full", data, **kwargs)
+    full = make_trainer("fairdropout", "timm_wrapper_resnet", data, tmp_path / "full", **kwargs)
     full.train()
     monkeypatch.setattr(layer_module, "fair_dropout_mask", original)
     assert len(seen) == 6  # 2 epochs x 3 batches, one position
@@ -451,36 +434,37 @@ def test_masks_follow_example_idx_and_survive_a_resume(tmp_path, small_digits, m
     for idx, mask, seed in seen:
         assert seed == layer_seed and torch.equal(mask, original(idx, mask.shape[1], 0.2, 0.5, seed))
 
-    interrupted = fair_dropout_trainer(tmp_path / "cut", data, **{**kwargs, "num_train_epochs": 1})
+    interrupted = make_trainer("fairdropout", "timm_wrapper_resnet", data, tmp_path / "cut",
+                               **{**kwargs, "num_train_epochs": 1})
     interrupted.train()
     stage = tmp_path / "cut" / "stages" / "fairdropout"
     (stage / "stage.json").unlink()  # as if killed right after the first epoch's checkpoint
     assert json.loads((stage / "checkpoint-3" / CONFIG_NAME).read_text())["positions"] == ["dp3"]
-    resumed = fair_dropout_trainer(tmp_path / "cut", data, **kwargs)
+    resumed = make_trainer("fairdropout", "timm_wrapper_resnet", data, tmp_path / "cut", **kwargs)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 6
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     # a finished stage is skipped on resume, its model restored; other FairDropout settings are refused
-    again = fair_dropout_trainer(tmp_path / "cut", data, **kwargs)
+    again = make_trainer("fairdropout", "timm_wrapper_resnet", data, tmp_path / "cut", **kwargs)
     again.train(resume_from_checkpoint=True)
     assert again.skipped_stages == ["initial", "fairdropout"]
     with pytest.raises(ValueError, match="computed with p_mem=0.5, but this run has p_mem=0.3"):
-        fair_dropout_trainer(tmp_path / "cut", data, **{**kwargs, "p_mem": 0.3}).train(resume_from_checkpoint=True)
+        make_trainer("fairdropout", "timm_wrapper_resnet", data, tmp_path / "cut",
+                     **{**kwargs, "p_mem": 0.3}).train(resume_from_checkpoint=True)
 
 
-def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, small_digits, trained):
-    """FairDropout-DFR from the FairDropout model of `trained` (erm_checkpoint: no second training)."""
-    _, _, fairdropout_dir = trained
-    trainer = fair_dropout_trainer(tmp_path, small_digits, trainer_class=FairDropoutDFRTrainer,
-                                   config_class=FairDropoutDFRConfig, fair_dropout_positions=["dp3", "dp5"],
-                                   p_gen=0.25, p_mem=0.3, erm_checkpoint=str(fairdropout_dir))
-    trainer.train()
-    assert trainer.finished_stages == ["fairdropout", "heldout", "scores", "select", "last_layer"]
+def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, small_digits, method_runs):
+    """FairDropout-DFR from the FairDropout model of RUN (erm_checkpoint: no second training), at dp3 and dp5 with
+    p_gen=0.25, p_mem=0.3: the run DFR_RUN of test_methods.py, which also checks its stages ("fairdropout", "heldout",
+    "scores", "select", "last_layer") and that the model card's code (the stock export) gives its logits."""
+    fairdropout_dir = method_runs[RUN].output_dir
+    run = method_runs[DFR_RUN]
+    trainer, out = run.trainer, run.output_dir
+    assert trainer.args.erm_checkpoint == str(fairdropout_dir)
     # naming neither positions nor p values: the saved FairDropout model's (a selection may have chosen them)
-    adopted = fair_dropout_trainer(tmp_path / "adopt", small_digits, trainer_class=FairDropoutDFRTrainer,
-                                   config_class=FairDropoutDFRConfig, fairdropout_selection="auto",
-                                   erm_checkpoint=str(fairdropout_dir))
+    adopted = make_trainer("fairdropout_dfr", "timm_wrapper_resnet", small_digits, tmp_path / "adopt",
+                           fairdropout_selection="auto", erm_checkpoint=str(fairdropout_dir))
     config = adopted.fair_dropout_config
     assert (config.positions, config.p_gen, config.p_mem) == (["dp3", "dp5"], 0.25, 0.3) and not adopted.selects
     data = trainer.last_layer.data
@@ -489,21 +473,11 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
     head = trainer.load_stage_tensors(trainer.stage_dir("last_layer"), "head")
     torch.testing.assert_close(trainer.adapter.classifier.weight.detach(), head["weight"])
     assert "FairDropout" in trainer.stage_results  # the model before its head was retrained, for the report
-    trainer.save_model()
-    from transformers import AutoModelForImageClassification
-
-    stock = AutoModelForImageClassification.from_pretrained(tmp_path / "exported").eval()
-    # the card's "how to use" loads that stock export (a plain from_pretrained of the folder has every neuron on)
-    assert f'from_pretrained("{tmp_path.name}", subfolder="exported")' in (tmp_path / "README.md").read_text()
-    batch = trainer.eval_collator([small_digits["validation"][i] for i in range(16)])
-    model = trainer.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(stock(pixel_values=batch["pixel_values"]).logits,
-                                   model(pixel_values=batch["pixel_values"]).logits, rtol=0, atol=1e-5)
+    # the card's "how to use" loads the stock export (a plain from_pretrained of the folder has every neuron on)
+    assert f'from_pretrained("{out.name}", subfolder="exported")' in (out / "README.md").read_text()
     with pytest.raises(ValueError, match="was trained with FairDropout"):
-        fair_dropout_trainer(tmp_path / "other", small_digits, trainer_class=FairDropoutDFRTrainer,
-                             config_class=FairDropoutDFRConfig, fair_dropout_positions=["dp5"],
-                             erm_checkpoint=str(fairdropout_dir)).train()
+        make_trainer("fairdropout_dfr", "timm_wrapper_resnet", small_digits, tmp_path / "other",
+                     fair_dropout_positions=["dp5"], erm_checkpoint=str(fairdropout_dir)).train()
     # plain DFR would load its weights without the FairDropout layers (every memorising neuron on): refused
     from hf_robust.methods import DFRConfig, DFRTrainer
 
@@ -515,7 +489,7 @@ def test_fairdropout_dfr_retrains_the_head_on_fairdropout_features(tmp_path, sma
 
 def test_trainer_refuses_bad_inputs_before_training(tmp_path, small_digits):
     with pytest.raises(UnsupportedModelError, match=r"'fc'.*valid positions are \['dp2', 'dp3', 'dp4', 'dp5'\]"):
-        fair_dropout_trainer(tmp_path, small_digits, fair_dropout_positions=["fc"])
+        make_trainer("fairdropout", "timm_wrapper_resnet", small_digits, tmp_path, fair_dropout_positions=["fc"])
     with pytest.raises(ValueError, match="p_gen"):
         quick_config(FairDropoutTrainingConfig, tmp_path, p_gen=0.0)
     with pytest.raises(ValueError, match="names a position twice"):
@@ -547,15 +521,11 @@ def test_main_job_runs_fairdropout_with_its_options(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2 processes vs 1
-@pytest.fixture(scope="module")
-def distributed_runs(distributed_checks):  # tests/scripts/fair_dropout_distributed.py
-    return distributed_checks["fair_dropout_distributed"]
-
-
+# tests/scripts/method_distributed.py fairdropout (both runs really ran, every process holding the same weights:
+# test_methods.py)
 @pytest.mark.distributed
-def test_two_processes_give_every_example_its_one_process_mask(distributed_runs):
-    one, two = distributed_runs
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+def test_two_processes_give_every_example_its_one_process_mask(distributed_checks):
+    one, two = distributed_checks["fairdropout"]
     # every example, at both positions, over both epochs: one mask only, and the one of the 1-process run
     assert one["masks"].keys() == two["masks"].keys() and len(one["masks"]) == 2 * 64
     assert all(len(v) == 1 for v in one["masks"].values()) and all(len(v) == 1 for v in two["masks"].values())
@@ -564,12 +534,12 @@ def test_two_processes_give_every_example_its_one_process_mask(distributed_runs)
 
 
 @pytest.mark.distributed
-def test_two_processes_train_within_tolerance(distributed_runs):
+def test_two_processes_train_within_tolerance(distributed_checks):
     """Stated tolerance: the same 32 examples per optimizer step (2 x 16), so after 2 epochs the per-step losses
     and the parameters agree to 1e-3 and validation accuracies to within one example. Measured spread of the
     parameters after the 4 AdamW steps (2-core AMD EPYC): 1 vs 2 processes 6.5e-7, 1-process runs that differ only in
     kernel path (ATEN_CPU_CAPABILITY default vs avx2) 3.4e-6; losses <= 6e-8: the tolerance is 290x the largest."""
-    one, two = distributed_runs
+    one, two = distributed_checks["fairdropout"]
     assert len(one["train_losses"]) == len(two["train_losses"]) == 4
     np.testing.assert_allclose(two["train_losses"], one["train_losses"], atol=1e-3)
     np.testing.assert_allclose(np.asarray(two["params"]), np.asarray(one["params"]), atol=1e-3)
@@ -578,10 +548,10 @@ def test_two_processes_train_within_tolerance(distributed_runs):
 
 
 @pytest.mark.distributed
-def test_two_processes_select_the_one_process_candidate(distributed_runs):
+def test_two_processes_select_the_one_process_candidate(distributed_checks):
     """The label-free selection (ERM + 2 positions x 1 pair) under 2 processes: the same candidates, each scored
     on all 61 validation examples, per-class accuracies within one example of the 1-process run's, the same choice."""
-    one, two = distributed_runs
+    one, two = distributed_checks["fairdropout"]
     knobs = [c["knobs"] for c in one["selection"]["candidates"]]
     assert knobs == [{"positions": ["pooled"], "p_gen": 1.0, "p_mem": 1.0},
                      {"positions": ["pooled"], "p_gen": 0.25, "p_mem": 0.3},

@@ -1,6 +1,7 @@
 """GradTune and DFR: the closed-form last-layer gradient norm against per-sample autograd, the selection rules,
 the head trainer, the stages and resume, 2 processes = 1 process, no group labels, DFR's subsets and head,
-bad inputs."""
+bad inputs. What every method's run must do (stages, report, resume, reload, N processes) is tested by
+tests/test_methods.py on the same runs."""
 
 import json
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import FAMILIES, make_model, make_trainer, quick_config
 
 from hf_robust.models.adapter import get_adapter
 from hf_robust.data import DataValidationError, as_group_dataset
@@ -50,7 +51,7 @@ def per_sample_head_gradient_norms(model, adapter, inputs: dict, labels: torch.T
     return torch.stack(norms)
 
 
-@pytest.mark.parametrize("family", ["hf_bert", "hf_vit", "hf_resnet", "timm_resnet", "timm_vit", "timm_wrapper_resnet"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_closed_form_norm_matches_per_sample_autograd(family):
     model, _ = make_model(family, num_labels=3)
     model = maybe_wrap_timm(model).eval()
@@ -253,26 +254,13 @@ def test_dfr_logistic_head_ignores_features_that_vary_only_by_rounding_noise():
 
 
 # ----------------------------------------------------------------------------- the trainers
-def gt_trainer(tmp_path, data, family="timm_wrapper_resnet", name="gt", **kwargs):
-    model, processor = make_model(family)
-    args = quick_config(GradTuneConfig, tmp_path / name, **{"finetune_set_size": 30, "last_layer_epochs": 100,
-                                                            "logging_steps": 100, **kwargs})
-    return GradTuneTrainer(model, args, train_dataset=data["train"], processing_class=processor,
-                           eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]})
+# GradTune with conftest.METHOD_TEST_DEFAULTS (finetune_set_size=30, last_layer_epochs=100); the run of
+# tests/test_methods.py, trained, evaluated and saved once per session
+RUN = "gradtune-timm_wrapper_resnet"
 
 
-@pytest.fixture(scope="module")
-def gt_run(tmp_path_factory, small_digits):
-    trainer = gt_trainer(tmp_path_factory.mktemp("gt_run"), small_digits)
-    trainer.train()
-    trainer.evaluate()
-    trainer.save_model()
-    return trainer
-
-
-def test_gradtune_stages_selection_and_written_head(gt_run, small_digits):
-    trainer = gt_run
-    assert trainer.finished_stages == ["erm", "heldout", "scores", "select", "last_layer"]
+def test_gradtune_selection_and_written_head(method_runs, small_digits):
+    trainer = method_runs[RUN].trainer
     validation = small_digits["validation"]
     held, selection = trainer.last_layer.heldout_idx, trainer.last_layer.selection_idx
     assert len(held) == 48 and len(selection) == 48
@@ -311,7 +299,6 @@ def test_gradtune_stages_selection_and_written_head(gt_run, small_digits):
     # report: the ERM baseline, the composition of the selected set, the plot
     out_dir = Path(trainer.args.output_dir)
     results = json.loads((out_dir / "results.json").read_text())
-    assert set(results["stages"]) == {"ERM"}
     composition = results["finetune_set"]["per_group"]
     assert sum(g["selected"] for g in composition.values()) == 30
     assert sum(g["heldout"] for g in composition.values()) == 48
@@ -319,7 +306,8 @@ def test_gradtune_stages_selection_and_written_head(gt_run, small_digits):
     assert (out_dir / "plots" / "gradient_norms.png").stat().st_size > 1000
 
 
-def test_gradtune_resume_after_scores_does_not_recompute_them(tmp_path, small_digits, gt_run, monkeypatch):
+def test_gradtune_resume_after_scores_does_not_recompute_them(tmp_path, small_digits, method_runs, monkeypatch):
+    gt_run = method_runs[RUN].trainer
     calls = {"score": 0}
     original = LastLayerRetraining._score_batch
 
@@ -329,7 +317,7 @@ def test_gradtune_resume_after_scores_does_not_recompute_them(tmp_path, small_di
 
     monkeypatch.setattr(LastLayerRetraining, "_score_batch", counting)
     erm = str(gt_run.stage_dir("erm"))  # the module run's ERM weights: no second ERM training
-    trainer = gt_trainer(tmp_path, small_digits, erm_checkpoint=erm)
+    trainer = make_trainer("gradtune", "timm_wrapper_resnet", small_digits, tmp_path / "gt", erm_checkpoint=erm)
     monkeypatch.setattr(LastLayerRetraining, "_run_select",
                         lambda self, d, r: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -338,7 +326,7 @@ def test_gradtune_resume_after_scores_does_not_recompute_them(tmp_path, small_di
     first = calls["score"]
     monkeypatch.undo()
     monkeypatch.setattr(LastLayerRetraining, "_score_batch", counting)
-    resumed = gt_trainer(tmp_path, small_digits, erm_checkpoint=erm)
+    resumed = make_trainer("gradtune", "timm_wrapper_resnet", small_digits, tmp_path / "gt", erm_checkpoint=erm)
     resumed.train(resume_from_checkpoint=True)
     assert calls["score"] == first  # not one more scoring batch
     assert resumed.skipped_stages == ["erm", "heldout", "scores"]
@@ -347,18 +335,15 @@ def test_gradtune_resume_after_scores_does_not_recompute_them(tmp_path, small_di
     torch.testing.assert_close(resumed.last_layer.data.norms, gt_run.last_layer.data.norms)
     assert torch.equal(resumed.last_layer.finetune_sets, gt_run.last_layer.finetune_sets)
     torch.testing.assert_close(resumed.adapter.classifier.weight, gt_run.adapter.classifier.weight)
-    # a finished run resumed: every stage skipped, the head restored into the model
-    again = gt_trainer(tmp_path, small_digits, erm_checkpoint=erm)
-    again.train(resume_from_checkpoint=True)
-    assert again.skipped_stages == ["erm", "heldout", "scores", "select", "last_layer"]
-    assert torch.equal(again.adapter.classifier.weight, resumed.adapter.classifier.weight)
+    # (a finished run resumed skips every stage and restores the head into the model: test_methods.py)
 
 
 def test_gradtune_from_erm_checkpoint_and_reset(tmp_path, small_digits):
     model, _ = make_model("timm_wrapper_resnet", seed=3)
     model.save_pretrained(tmp_path / "erm_model")
-    trainer = gt_trainer(tmp_path, small_digits, erm_checkpoint=str(tmp_path / "erm_model"), reset_last_layer=True,
-                         last_layer_model_selection="worst_class", last_layer_eval_epochs=20)
+    trainer = make_trainer("gradtune", "timm_wrapper_resnet", small_digits, tmp_path / "gt",
+                           erm_checkpoint=str(tmp_path / "erm_model"), reset_last_layer=True,
+                           last_layer_model_selection="worst_class", last_layer_eval_epochs=20)
     trainer.train()
     backbone = {k: v for k, v in model.state_dict().items() if "fc." not in k}
     state = trainer.model.state_dict()
@@ -378,37 +363,38 @@ def test_gradtune_and_dfr_run_without_group_labels(tmp_path, small_digits):
     data = {"train": without_groups(small_digits["train"]), "validation": without_groups(small_digits["validation"]),
             "test_biased": small_digits["test_biased"]}
     assert set(data["validation"]["group"]) == {-1}
-    trainer = gt_trainer(tmp_path, data, last_layer_epochs=20)
+    trainer = make_trainer("gradtune", "timm_wrapper_resnet", data, tmp_path / "gt", last_layer_epochs=20)
     trainer.train()
     trainer.save_model()
     composition = trainer.last_layer.selection_composition()["per_group"]
     assert set(composition) == {"digit 0-4 (group unknown)", "digit 5-9 (group unknown)"}
     assert (Path(trainer.args.output_dir) / "plots" / "gradient_norms.png").is_file()
-    model, processor = make_model("timm_wrapper_resnet")
-    dfr = DFRTrainer(model, quick_config(DFRConfig, tmp_path / "dfr", dfr_num_subsets=2,
-                                         erm_checkpoint=str(trainer.stage_dir("erm"))),
-                     train_dataset=data["train"], eval_dataset={"validation": data["validation"]})
+    dfr = make_trainer("dfr", "timm_wrapper_resnet", data, tmp_path / "dfr", eval_splits=["validation"],
+                       dfr_num_subsets=2, erm_checkpoint=str(trainer.stage_dir("erm")))
     dfr.train()
     rows = dfr.last_layer.data.rows(dfr.last_layer.finetune_sets[0])
     counts = torch.bincount(dfr.last_layer.data.labels[rows]).tolist()
     assert counts[0] == counts[1]  # class-balanced
     with pytest.raises(DataValidationError, match="dfr_balance='group'.*unknown group"):
-        DFRTrainer(make_model("timm_wrapper_resnet")[0], quick_config(DFRConfig, tmp_path / "d2", dfr_balance="group"),
-                   train_dataset=data["train"], eval_dataset={"validation": data["validation"]})
+        make_trainer("dfr", "timm_wrapper_resnet", data, tmp_path / "d2", eval_splits=["validation"],
+                     dfr_balance="group")
 
 
-def test_dfr_group_and_class_balanced_subsets(tmp_path, small_digits):
+def test_dfr_group_and_class_balanced_subsets(tmp_path, small_digits, method_runs):
+    """Group-balanced subsets from an (untrained) ERM checkpoint; class-balanced ones: the DFR run of
+    tests/test_methods.py (dfr_balance='class', dfr_num_subsets=3, its own ERM stage)."""
     model, _ = make_model("timm_wrapper_resnet")
     model.save_pretrained(tmp_path / "erm_model")
     subsets = {}
     for balance in ("group", "class"):
-        model, _ = make_model("timm_wrapper_resnet")
-        trainer = DFRTrainer(
-            model, quick_config(DFRConfig, tmp_path / balance, dfr_balance=balance, dfr_num_subsets=3,
-                                erm_checkpoint=str(tmp_path / "erm_model")),
-            train_dataset=small_digits["train"], eval_dataset={"validation": small_digits["validation"]},
-        )
-        trainer.train()
+        if balance == "class":
+            trainer = method_runs["dfr-timm_wrapper_resnet"].trainer
+        else:
+            trainer = make_trainer("dfr", "timm_wrapper_resnet", small_digits, tmp_path / balance,
+                                   eval_splits=["validation"], dfr_balance=balance, dfr_num_subsets=3,
+                                   erm_checkpoint=str(tmp_path / "erm_model"))
+            trainer.train()
+        assert trainer.args.dfr_balance == balance and trainer.args.dfr_num_subsets == 3
         data = trainer.last_layer.data
         held = data.rows(trainer.last_layer.heldout_idx)
         keys = data.groups if balance == "group" else data.labels
@@ -488,24 +474,17 @@ def test_train_script_runs_gradtune_and_parses_dfr(tmp_path, digits):
 
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
-
-
-@pytest.fixture(scope="module")
-def distributed_runs(distributed_checks):  # tests/scripts/gradtune_distributed.py
-    return distributed_checks["gradtune_distributed"]
-
-
 @pytest.mark.distributed
-def test_two_processes_score_and_select_exactly_like_one(distributed_runs):
+def test_two_processes_score_and_select_exactly_like_one(distributed_checks):
     """Measured spread (2-core AMD EPYC): the gradient norms are bit-identical between 1 and 2 processes and agree to
     1.4e-7 (relative) between 1-process runs that differ only in kernel path (ATEN_CPU_CAPABILITY default vs avx2),
     70x inside rtol 1e-5; the head to 4.8e-8 (atol 1e-5). The selection is exact: the top-k boundary of the held-out
-    norms lies 4.6e-4 (relative) apart, 3000x the spread, and the same examples were selected under every setting."""
-    one, two = distributed_runs
-    assert one["world_size"] == 1 and two["world_size"] == 2
+    norms lies 4.6e-4 (relative) apart, 3000x the spread, and the same examples were selected under every setting.
+    tests/scripts/method_distributed.py gradtune (both runs really ran, every process holding the same selection
+    and head: test_methods.py)."""
+    one, two = distributed_checks["gradtune"]
     assert two["example_idx"] == one["example_idx"] and len(one["example_idx"]) == 101
     np.testing.assert_allclose(two["norms"], one["norms"], rtol=1e-5)
     assert two["heldout_idx"] == one["heldout_idx"]
     assert two["selected"] == one["selected"] and len(one["selected"]) == 40
     np.testing.assert_allclose(two["head"], one["head"], rtol=1e-4, atol=1e-5)
-    assert two["ranks_agree"]  # every process holds the same selection and head

@@ -1,4 +1,5 @@
-"""The health check every run ends with, and the label-free selection of a method's knobs."""
+"""The health check every run ends with, and the label-free selection of a method's knobs. Every method's run
+reports a health status against its reference (ERM's: only the collapse checks): tests/test_methods.py."""
 
 import json
 import logging
@@ -7,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, quick_config
+from conftest import make_model, make_trainer, quick_config
 
-from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer, RobustConfig, RobustTrainer, Stage
+from hf_robust.methods import RobustConfig, RobustTrainer, Stage
 from hf_robust.core.health import HealthCheckError, assess, prediction_summary
 
 
@@ -112,38 +113,30 @@ def test_error_stops_before_anything_is_saved(tmp_path, small_digits):
     assert (out / "stages" / "break" / "stage.json").is_file()  # the stages stay, for a resume with other settings
 
 
-def test_an_unharmed_run_is_ok_and_without_validation_unknown(tmp_path, small_digits):
-    model, processor = make_model("hf_resnet", seed=0)
-    trainer = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "erm"), train_dataset=small_digits["train"],
-                            eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
-    trainer.train()
-    assert trainer.health["status"] in ("ok", "collapsed") and trainer.health["reference"] is None
-    model, processor = make_model("hf_resnet", seed=0)
-    trainer = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "erm2"), train_dataset=small_digits["train"],
-                            eval_dataset={"test_biased": small_digits["test_biased"]}, processing_class=processor)
+def test_without_validation_the_health_is_unknown(tmp_path, small_digits):
+    """(An unharmed run is ok, or collapsed, with no reference for ERM: test_methods.py.)"""
+    trainer = make_trainer("erm", "hf_resnet", small_digits, tmp_path / "erm2", eval_splits=["test_biased"])
     trainer.train()
     assert trainer.health["status"] == "unknown" and "'validation'" in trainer.health["reason"]
 
 
 def test_masktune_with_an_absurd_learning_rate_is_flagged(tmp_path, small_digits):
-    model, _ = make_model("timm_wrapper_resnet")
-    config = quick_config(MaskTuneConfig, tmp_path / "mt", masktune_selection="off", finetune_learning_rate=50.0,
-                          mask_threshold_std=1.0, num_train_epochs=2)
-    trainer = MaskTuneTrainer(model, config, train_dataset=small_digits["train"],
-                              eval_dataset={"validation": small_digits["validation"]})
+    trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt", eval_splits=["validation"],
+                           finetune_learning_rate=50.0, mask_threshold_std=1.0, num_train_epochs=2)
     trainer.train()
     assert trainer.health["status"] in ("collapsed", "worse_than_erm"), trainer.health
 
 
 # ----------------------------------------------------------------------------- label-free selection
+# MaskTune choosing its fine-tuning knobs (test_methods.MT_SELECTING: 2 learning rates x 1 batch size, one round):
+# the run of test_methods.py, trained once per session
+MT_RUN = "masktune-timm_wrapper_resnet-selecting"
+
+
 def mt_selecting(tmp_path, data, **kwargs):
-    torch.manual_seed(0)
-    model, _ = make_model("timm_wrapper_resnet")
-    config = quick_config(MaskTuneConfig, tmp_path / "mt", num_train_epochs=2, mask_threshold_std=1.0,
-                          **{"selection_learning_rate_factors": [0.1, 1.0], "selection_batch_size_divisors": [2],
-                             "masktune_iterations": 1, **kwargs})
-    return MaskTuneTrainer(model, config, train_dataset=data["train"],
-                           eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]})
+    from test_methods import MT_SELECTING
+
+    return make_trainer("masktune", "timm_wrapper_resnet", data, tmp_path / "mt", **{**MT_SELECTING, **kwargs})
 
 
 def candidate_predictions(trainer, index, dataset):
@@ -153,16 +146,9 @@ def candidate_predictions(trainer, index, dataset):
     return predictions(copy, dataset)
 
 
-@pytest.fixture(scope="module")
-def selection_run(tmp_path_factory, small_digits):
-    trainer = mt_selecting(tmp_path_factory.mktemp("select"), small_digits)
-    trainer.train()
-    return trainer
-
-
-def test_selection_scores_every_candidate_on_validation_and_keeps_the_best(selection_run, small_digits):
-    trainer = selection_run
-    assert trainer.finished_stages == ["erm", "select", "masks_1", "finetune_1", "selective"]
+def test_selection_scores_every_candidate_on_validation_and_keeps_the_best(method_runs, small_digits):
+    """(Its stages, erm -> select -> masks_1 -> finetune_1 -> selective: test_methods.py.)"""
+    trainer = method_runs[MT_RUN].trainer
     selection = trainer.selection
     knobs = [c["knobs"] for c in selection["candidates"]]
     assert knobs == [{"finetune": False},
@@ -184,7 +170,8 @@ def test_selection_scores_every_candidate_on_validation_and_keeps_the_best(selec
     assert results["selection"]["method_helped"] == (selection["chosen"] != 0)
 
 
-def test_selection_never_reads_group_labels(selection_run, small_digits, tmp_path):
+def test_selection_never_reads_group_labels(method_runs, small_digits, tmp_path):
+    selection_run = method_runs[MT_RUN].trainer
     from datasets import DatasetDict
 
     blind = DatasetDict({name: split.map(lambda row: {"group": -1}) for name, split in small_digits.items()})
@@ -262,9 +249,7 @@ def test_setting_every_knob_skips_the_selection(tmp_path, small_digits):
 
 
 def test_candidates_resume_one_by_one(tmp_path, small_digits):
-    model, processor = make_model("hf_resnet", seed=0)
-    trainer = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "out"), train_dataset=small_digits["train"],
-                            eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
+    trainer = make_trainer("erm", "hf_resnet", small_digits, tmp_path / "out", eval_splits=["validation"])
     calls = []
 
     def train(knobs, folder, resume):
@@ -283,54 +268,42 @@ def test_candidates_resume_one_by_one(tmp_path, small_digits):
     assert [c["knobs"] for c in selection["candidates"]] == grid
 
 
-def fd_selecting(out, data, trainer_class, config_class):
-    """A FairDropout(-DFR) run whose selection tries ERM and one (p_gen, p_mem) pair at dp4, trained."""
-    model, processor = make_model("hf_resnet", seed=0)
-    config = quick_config(config_class, out, fair_dropout_positions=["dp4"], selection_p_gen=[0.5],
-                          selection_p_mem=[0.1], export_model=False)
-    trainer = trainer_class(model, config, train_dataset=data["train"], processing_class=processor,
-                            eval_dataset={"validation": data["validation"]})
-    trainer.train()
-    return trainer
+# FairDropout(-DFR) runs whose selection tries ERM and one (p_gen, p_mem) pair at dp4 (test_methods._FD_SELECTING),
+# and the ERM run on the same model: runs of test_methods.py, trained once per session
+FD_RUN, FD_DFR_RUN, ERM_RUN = "fairdropout-hf_resnet", "fairdropout_dfr-hf_resnet", "erm-hf_resnet"
 
 
-def test_fairdropout_selection_trains_erm_among_the_candidates(tmp_path, small_digits):
+def test_fairdropout_selection_trains_erm_among_the_candidates(method_runs):
+    """(Its stages, select_fair_dropout -> fairdropout, and the health check's reference, "ERM (p_gen = 1)":
+    test_methods.py.)"""
     from hf_robust.methods.fair_dropout.inject import fair_dropout_modules
-    from hf_robust.methods import FairDropoutTrainer, FairDropoutTrainingConfig
 
-    trainer = fd_selecting(tmp_path / "fd", small_digits, FairDropoutTrainer, FairDropoutTrainingConfig)
-    assert trainer.finished_stages == ["select_fair_dropout", "fairdropout"]
+    trainer = method_runs[FD_RUN].trainer
     knobs = [c["knobs"] for c in trainer.selection["candidates"]]
     assert knobs == [{"positions": ["dp4"], "p_gen": 1.0, "p_mem": 1.0},
                      {"positions": ["dp4"], "p_gen": 0.5, "p_mem": 0.1}]
     chosen = knobs[trainer.selection["chosen"]]
     assert fair_dropout_modules(trainer.model).config.p_gen == chosen["p_gen"]
     # the health check's reference is the ERM candidate, scored as the selection scored it
-    assert trainer.health["reference"] == "ERM (p_gen = 1)"
     assert trainer.health["erm"] == trainer.selection["candidates"][0]["validation"]
     assert trainer.health["method"] == trainer.selection["candidates"][trainer.selection["chosen"]]["validation"]
     # the ERM candidate is plain ERM: the same run without FairDropout gives the same validation predictions
-    model, processor = make_model("hf_resnet", seed=0)
-    erm = RobustTrainer(model, quick_config(RobustConfig, tmp_path / "erm"), train_dataset=small_digits["train"],
-                        eval_dataset={"validation": small_digits["validation"]}, processing_class=processor)
-    erm.train()
+    erm = method_runs[ERM_RUN].trainer
     assert erm.health["method"]["class_accuracy"] == pytest.approx(trainer.health["erm"]["class_accuracy"], abs=0.02)
 
 
-def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(tmp_path, small_digits):
+def test_fairdropout_dfr_selects_fair_dropout_then_retrains_the_head(method_runs):
     """FairDropout-DFR with its default selection (no erm_checkpoint): the knob selection and the last layer's
-    held-out selection are two stages of one run, and the head is retrained on the chosen candidate's model."""
+    held-out selection are two stages of one run (select_fair_dropout -> fairdropout -> heldout -> scores -> select
+    -> last_layer, the health check's reference "FairDropout", which the report shows: test_methods.py), and the
+    head is retrained on the chosen candidate's model."""
     from hf_robust.methods.fair_dropout.inject import fair_dropout_modules
-    from hf_robust.methods import FairDropoutDFRConfig, FairDropoutDFRTrainer
 
-    trainer = fd_selecting(tmp_path / "fd_dfr", small_digits, FairDropoutDFRTrainer, FairDropoutDFRConfig)
-    assert trainer.finished_stages == ["select_fair_dropout", "fairdropout", "heldout", "scores", "select",
-                                       "last_layer"]
+    trainer = method_runs[FD_DFR_RUN].trainer
     chosen = trainer.selection["candidates"][trainer.selection["chosen"]]
     assert fair_dropout_modules(trainer.model).config.p_gen == chosen["knobs"]["p_gen"]
     # the health check's reference (the FairDropout stage) is the chosen candidate, scored as the selection scored
     # it (both on the half of validation the head is not fitted on)
-    assert trainer.health["reference"] == "FairDropout"
     assert trainer.health["erm"] == chosen["validation"]
     assert "FairDropout" in trainer.stage_results
     assert trainer.last_layer.finetune_sets.shape[0] == trainer.args.dfr_num_subsets
@@ -343,13 +316,10 @@ def test_fairdropout_selection_searches_positions_as_separate_runs_would(tmp_pat
     from safetensors.torch import load_file
 
     from hf_robust.methods.fair_dropout.inject import fair_dropout_modules
-    from hf_robust.methods import FairDropoutTrainer, FairDropoutTrainingConfig
 
     def run(out, **kwargs):
-        model, processor = make_model("hf_resnet", seed=0)
-        config = quick_config(FairDropoutTrainingConfig, tmp_path / out, export_model=False, **kwargs)
-        trainer = FairDropoutTrainer(model, config, train_dataset=small_digits["train"], processing_class=processor,
-                                     eval_dataset={"validation": small_digits["validation"]})
+        trainer = make_trainer("fairdropout", "hf_resnet", small_digits, tmp_path / out, eval_splits=["validation"],
+                               fairdropout_selection="auto", export_model=False, **kwargs)
         trainer.train()
         return trainer
 

@@ -1,5 +1,6 @@
 """MaskTune: batched XGrad-CAM against independent references, mask location and storage, the stages,
-resume, determinism, text masking, selective classification, bad inputs."""
+resume, determinism, text masking, selective classification, bad inputs. What every method's run must do (stages,
+report, resume, reload, N processes) is tested by tests/test_methods.py on the same runs."""
 
 import json
 from pathlib import Path
@@ -8,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, quick_config
+from conftest import IMAGE_FAMILIES, make_model, make_trainer, method_config
 from torch import nn
 
-from hf_robust.models.adapter import UnsupportedModelError, get_adapter
+from hf_robust.models.adapter import get_adapter
 from hf_robust.explain.cam import threshold_masks, token_attributions, xgradcam
 from hf_robust.data import DataValidationError
 from hf_robust.methods.masktune.masks import MaskStore, cam_at_input_size, image_masks, pack_bits, token_masks, unpack_bits
 from hf_robust.methods.masktune.selective import SelectiveClassifier, calibrate_thresholds, ensemble_response, selective_report
-from hf_robust.methods import MaskTuneConfig, MaskTuneTrainer
+from hf_robust.methods import MaskTuneTrainer
 from hf_robust.models.timm_wrap import maybe_wrap_timm
 
 
@@ -46,7 +47,7 @@ def reference_xgradcam(model, adapter, pixel_values):
     return np.stack(maps)
 
 
-@pytest.mark.parametrize("family", ["timm_wrapper_resnet", "hf_resnet", "hf_vit", "timm_vit"])
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_batched_xgradcam_matches_per_image_reference(family):
     model, _ = make_model(family)
     model = maybe_wrap_timm(model)
@@ -180,29 +181,13 @@ def test_mask_store_pack_lookup_apply_union_save(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the trainer
-def mt_config(tmp_path, **kwargs):
-    """The paper's MaskTune (no label-free selection) unless a test asks for it."""
-    return quick_config(MaskTuneConfig, tmp_path / "mt", **{"masktune_selection": "off", **kwargs})
+# the paper's MaskTune (no label-free selection: conftest.METHOD_TEST_DEFAULTS) unless a test asks for it; the run of
+# tests/test_methods.py (finetune_learning_rate=3e-4, mask_threshold_std=1.0), trained once per session
+RUN = "masktune-timm_wrapper_resnet"
 
 
-def mt_trainer(tmp_path, data, **kwargs):
-    torch.manual_seed(0)
-    model, _ = make_model("timm_wrapper_resnet")
-    return MaskTuneTrainer(model, mt_config(tmp_path, **kwargs), train_dataset=data["train"],
-                           eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]})
-
-
-@pytest.fixture(scope="module")
-def mt_run(tmp_path_factory, small_digits):
-    trainer = mt_trainer(tmp_path_factory.mktemp("mt_run"), small_digits, finetune_learning_rate=3e-4,
-                         mask_threshold_std=1.0)
-    trainer.train()
-    return trainer
-
-
-def test_masktune_stages_masks_finetune_and_report(mt_run, small_digits):
-    trainer = mt_run
-    assert trainer.finished_stages == ["erm", "masks_1", "finetune_1", "selective"]
+def test_masktune_masks_finetune_and_report(method_runs, small_digits):
+    trainer = method_runs[RUN].trainer
     store = trainer.masks
     assert len(store) == len(small_digits["train"]) and store.shape == (32, 32)
     assert store.masked_fraction().mean() > 0
@@ -218,14 +203,12 @@ def test_masktune_stages_masks_finetune_and_report(mt_run, small_digits):
     assert len(steps) == int(np.ceil(len(small_digits["train"]) / 32))
     assert {e["learning_rate"] for e in steps} == {3e-4}
     assert log[-1]["epoch"] == 1.0
-    trainer.evaluate()
-    trainer.save_model()
+    # (the run was evaluated and saved: results.json, its stages and splits, group_accuracy.png: test_methods.py)
     results = json.loads((Path(trainer.args.output_dir) / "results.json").read_text())
-    assert set(results["stages"]) == {"ERM"} and set(results["splits"]) == {"validation", "test_biased"}
     selective = results["selective"]["report"]
     assert set(selective) == {"masktune_ensemble", "erm_softmax_response", "masktune_softmax_response"}
     assert selective["masktune_ensemble"]["validation"]["coverage_at_90"] == pytest.approx(0.9, abs=0.02)
-    for plot in ("group_accuracy.png", "cam_overlays.png", "risk_coverage.png"):
+    for plot in ("cam_overlays.png", "risk_coverage.png"):
         assert (Path(trainer.args.output_dir) / "plots" / plot).stat().st_size > 1000
 
 
@@ -236,13 +219,15 @@ def _bn_state(model):
 
 
 @pytest.mark.parametrize("freeze", [True, False])
-def test_finetune_keeps_erm_norm_statistics(mt_run, tmp_path, small_digits, freeze):
+def test_finetune_keeps_erm_norm_statistics(method_runs, tmp_path, small_digits, freeze):
+    mt_run = method_runs[RUN].trainer
     erm_means, erm_vars, erm_weights = _bn_state(mt_run.erm_model())
     if freeze:
         trainer = mt_run
     else:
-        trainer = mt_trainer(tmp_path, small_digits, finetune_learning_rate=3e-4, mask_threshold_std=1.0,
-                             finetune_freeze_norm_statistics=False, finetune_batch_size=16)
+        trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt",
+                               finetune_learning_rate=3e-4, mask_threshold_std=1.0,
+                               finetune_freeze_norm_statistics=False, finetune_batch_size=16)
         trainer.train()
         # the fine-tuning's own batch size (16) for exactly one epoch; ERM kept its 32 and the trainer gets it back
         n = len(small_digits["train"])
@@ -262,7 +247,7 @@ def test_finetune_keeps_erm_norm_statistics(mt_run, tmp_path, small_digits, free
 
 
 def test_masktune_resume_after_masks_does_not_recompute_them(tmp_path, small_digits, monkeypatch):
-    trainer = mt_trainer(tmp_path, small_digits, mask_threshold_std=1.0)
+    trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt", mask_threshold_std=1.0)
     calls = {"masks": 0}
     original = MaskTuneTrainer._mask_batch
 
@@ -278,7 +263,7 @@ def test_masktune_resume_after_masks_does_not_recompute_them(tmp_path, small_dig
     assert first_calls > 0
     monkeypatch.undo()
     monkeypatch.setattr(MaskTuneTrainer, "_mask_batch", counting)
-    resumed = mt_trainer(tmp_path, small_digits, mask_threshold_std=1.0)
+    resumed = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt", mask_threshold_std=1.0)
     resumed.train(resume_from_checkpoint=True)
     assert calls["masks"] == first_calls  # not one more masking batch
     assert resumed.skipped_stages == ["erm", "masks_1"]
@@ -286,8 +271,10 @@ def test_masktune_resume_after_masks_does_not_recompute_them(tmp_path, small_dig
     assert "ERM" in resumed.stage_results  # the ERM baseline survives the resume
 
 
-def test_same_seed_same_masks(tmp_path, small_digits, mt_run):
-    again = mt_trainer(tmp_path, small_digits, finetune_learning_rate=3e-4, mask_threshold_std=1.0)
+def test_same_seed_same_masks(tmp_path, small_digits, method_runs):
+    mt_run = method_runs[RUN].trainer
+    again = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt",
+                         finetune_learning_rate=3e-4, mask_threshold_std=1.0)
     again.train()
     assert torch.equal(again.masks.masks(), mt_run.masks.masks())
     assert torch.equal(again.masks.example_idx, mt_run.masks.example_idx)
@@ -295,8 +282,8 @@ def test_same_seed_same_masks(tmp_path, small_digits, mt_run):
 
 
 def test_accumulative_masking_keeps_earlier_masks(tmp_path, small_digits):
-    trainer = mt_trainer(tmp_path, small_digits, masktune_iterations=2, accumulative_masking=True,
-                         mask_threshold_std=1.0)
+    trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt", masktune_iterations=2,
+                           accumulative_masking=True, mask_threshold_std=1.0)
     seen = []
     original = MaskTuneTrainer._run_masks
 
@@ -316,18 +303,14 @@ def test_accumulative_masking_keeps_earlier_masks(tmp_path, small_digits):
     assert [s for s in trainer.stage_results if s.startswith("MaskTune")] == ["MaskTune 1"]
     first = trainer.stage_results["MaskTune 1"]
     assert set(first) == {"validation", "test_biased"}
-    resumed = mt_trainer(tmp_path, small_digits, masktune_iterations=2, accumulative_masking=True,
-                         mask_threshold_std=1.0)
+    resumed = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt", masktune_iterations=2,
+                           accumulative_masking=True, mask_threshold_std=1.0)
     resumed.train(resume_from_checkpoint=True)  # every stage loaded, none re-run: the stage is read back
     assert resumed.stage_results["MaskTune 1"] == first
 
 
-def test_masktune_on_text_masks_real_tokens(tmp_path, text_data, tokenizer):
-    model, _ = make_model("hf_bert", vocab_size=tokenizer.vocab_size)
-    trainer = MaskTuneTrainer(model, mt_config(tmp_path, per_device_train_batch_size=16, max_length=32),
-                              train_dataset=text_data["train"], eval_dataset={"validation": text_data["validation"]},
-                              processing_class=tokenizer)
-    trainer.train()
+def test_masktune_on_text_masks_real_tokens(method_runs, text_data, tokenizer):
+    trainer = method_runs["masktune-hf_bert"].trainer  # per_device_train_batch_size=16, max_length=32
     batch = trainer.eval_collator([text_data["train"][i] for i in range(len(text_data["train"]))])
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     stored = trainer.masks[batch["example_idx"]][:, : batch["input_ids"].shape[1]]
@@ -353,31 +336,34 @@ def test_masktune_bad_inputs(tmp_path, small_digits, text_data, tokenizer):
             return self.classifier(self.conv(pixel_values).mean((2, 3)))
 
     with pytest.raises(Exception, match="no CAM target layer.*target_layer="):
-        MaskTuneTrainer(Plain(), mt_config(tmp_path, classifier_layer="classifier"), train_dataset=small_digits["train"])
+        MaskTuneTrainer(Plain(), method_config("masktune", tmp_path / "mt", classifier_layer="classifier"),
+                                               train_dataset=small_digits["train"])
     import copy
 
     no_mask = copy.deepcopy(tokenizer)
     no_mask.mask_token = None
     bert, _ = make_model("hf_bert", vocab_size=tokenizer.vocab_size)
     with pytest.raises(DataValidationError, match="has none: use a tokenizer with a mask token"):
-        MaskTuneTrainer(bert, mt_config(tmp_path), train_dataset=text_data["train"], processing_class=no_mask)
+        MaskTuneTrainer(bert, method_config("masktune", tmp_path / "mt"), train_dataset=text_data["train"],
+                                            processing_class=no_mask)
     with pytest.raises(DataValidationError, match="needs a train_dataset"):
-        MaskTuneTrainer(make_model("timm_wrapper_resnet")[0], mt_config(tmp_path))
+        MaskTuneTrainer(make_model("timm_wrapper_resnet")[0], method_config("masktune", tmp_path / "mt"))
     with pytest.raises(DataValidationError, match=r"pixel_values of shape \(B, C, H, W\)"):
         image_masks(make_model("timm_wrapper_resnet")[0], get_adapter(make_model("timm_wrapper_resnet")[0]),
                     torch.randint(0, 100, (2, 12)))
     with pytest.raises(FileNotFoundError, match="erm_checkpoint='nowhere'"):
-        MaskTuneTrainer(make_model("timm_wrapper_resnet")[0], mt_config(tmp_path, erm_checkpoint="nowhere"),
+        MaskTuneTrainer(make_model("timm_wrapper_resnet")[0],
+                        method_config("masktune", tmp_path / "mt", erm_checkpoint="nowhere"),
                         train_dataset=small_digits["train"])
     with pytest.raises(ValueError, match="masktune_iterations=0"):
-        mt_config(tmp_path, masktune_iterations=0)
+        method_config("masktune", tmp_path / "mt", masktune_iterations=0)
 
 
 def test_masktune_from_erm_checkpoint(tmp_path, small_digits):
     model, _ = make_model("timm_wrapper_resnet", seed=3)
     model.save_pretrained(tmp_path / "erm_model")
-    trainer = mt_trainer(tmp_path, small_digits, erm_checkpoint=str(tmp_path / "erm_model"),
-                         finetune_learning_rate=1e-4)
+    trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "mt",
+                           erm_checkpoint=str(tmp_path / "erm_model"), finetune_learning_rate=1e-4)
     trainer.train()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(trainer.erm_model()(pixel_values=x).logits, model.eval()(pixel_values=x).logits, atol=1e-6)
@@ -398,13 +384,6 @@ def test_selective_ensemble_and_calibration():
     correct = (pred == labels).float()
     top2 = conf.argsort(descending=True)[:2]
     assert report["test"]["risk_at_50"] == pytest.approx(1 - correct[top2].mean().item())
-
-
-def test_a_cam_that_cannot_localise_is_refused_before_training(tmp_path, small_digits):
-    model, processor = make_model("hf_resnet")  # its last stage is 1x1 at 32x32
-    with pytest.raises(UnsupportedModelError, match=r"gives a 1x1 map for \(32, 32\) inputs"):
-        MaskTuneTrainer(model, quick_config(MaskTuneConfig, tmp_path), train_dataset=small_digits["train"],
-                        processing_class=processor)
 
 
 def test_selective_classifier_abstains_when_models_disagree():
@@ -437,21 +416,14 @@ def test_selective_classifier_abstains_when_models_disagree():
 
 
 # ----------------------------------------------------------------------------- 2 processes = 1 process
-
-
-@pytest.fixture(scope="module")
-def distributed_runs(distributed_checks):  # tests/scripts/masktune_distributed.py
-    return distributed_checks["masktune_distributed"]
-
-
 @pytest.mark.distributed
-def test_two_processes_compute_the_masks_of_one(distributed_runs):
-    one, two = distributed_runs
-    assert one["world_size"] == 1 and two["world_size"] == 2
+def test_two_processes_compute_the_masks_of_one(distributed_checks):
+    """tests/scripts/method_distributed.py masktune (both runs really ran, every process holding the same masks and
+    weights: test_methods.py)."""
+    one, two = distributed_checks["masktune"]
     assert two["example_idx"] == one["example_idx"] and len(one["example_idx"]) == 203  # none dropped or doubled
     assert one["shape"] == two["shape"] and sum(one["masks"]) > 0
     assert two["masks"] == one["masks"]  # bit-identical
-    assert two["ranks_agree"]  # every process holds the same masks and the same fine-tuned weights
     # stated tolerance: the fine-tuning epoch sees the same 32 examples per step (2 x 16 against 1 x 32), so the
     # weights agree up to float reassociation in the gradient all-reduce
     assert two["weights_sum"] == pytest.approx(one["weights_sum"], rel=1e-3)

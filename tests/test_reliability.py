@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_model, quick_config
+from conftest import REPO, make_model, make_trainer, quick_config
 from datasets import ClassLabel, Dataset, DatasetDict, Image
 
 from hf_robust.data import DataValidationError, as_group_dataset
@@ -43,10 +43,8 @@ def _final_files(folder: Path) -> dict[str, bytes]:
 
 
 def _trainer(out: Path, data, seed: int = 0, **kwargs) -> RobustTrainer:
-    model, processor = make_model("timm_wrapper_resnet", seed=seed)
-    config = quick_config(RobustConfig, out, max_steps=1, seed=seed, logging_steps=100, **kwargs)
-    return RobustTrainer(model, config, train_dataset=data["train"], eval_dataset={"validation": data["validation"]},
-                         processing_class=processor)
+    return make_trainer("erm", "timm_wrapper_resnet", data, out, model_seed=seed, eval_splits=["validation"],
+                        max_steps=1, seed=seed, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- the output folder

@@ -1,4 +1,5 @@
-"""RobustTrainer: group-aware evaluation, reports, Hub push offline, stages and resume, peft, bad inputs."""
+"""RobustTrainer: group-aware evaluation, reports, Hub push offline, stages and resume, peft, bad inputs. What every
+method's run writes (results.json, model card, plots, files), its resume and its reload: tests/test_methods.py."""
 
 import json
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, quick_config
+from conftest import make_model, make_trainer, method_config, quick_config
 
 from hf_robust.data import DataValidationError
 from hf_robust.resources import load_metric
@@ -15,16 +16,7 @@ from hf_robust.methods import HubPushError, RobustConfig, RobustTrainer, Stage
 
 
 def config(tmp_path, **kwargs):
-    return quick_config(RobustConfig, tmp_path / "out", **{"logging_steps": 100, **kwargs})
-
-
-def erm_trainer(tmp_path, data, family="timm_wrapper_resnet", **kwargs):
-    model, processor = make_model(family)
-    return RobustTrainer(
-        model, config(tmp_path, **kwargs), train_dataset=data["train"],
-        eval_dataset={"validation": data["validation"], "test_biased": data["test_biased"]},
-        processing_class=processor, dataset_name="biased_digits",
-    )
+    return method_config("erm", tmp_path / "out", **kwargs)
 
 
 def manual_predictions(trainer, dataset):
@@ -35,10 +27,9 @@ def manual_predictions(trainer, dataset):
         return model(pixel_values=batch["pixel_values"]).logits.argmax(-1).numpy()
 
 
-def test_erm_evaluates_every_split_by_worst_group(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits)
-    trainer.train()
-    metrics = trainer.evaluate()
+def test_erm_evaluates_every_split_by_worst_group(method_runs, small_digits):
+    run = method_runs["erm-timm_wrapper_resnet"]  # the ERM run of test_methods.py: trained, evaluated, saved
+    trainer, metrics = run.trainer, run.metrics
     for split in ("validation", "test_biased"):
         for key in ("accuracy", "worst_group_accuracy", "worst_class_accuracy", "mean_group_accuracy"):
             assert f"eval_{split}_{key}" in metrics
@@ -56,7 +47,8 @@ def test_erm_evaluates_every_split_by_worst_group(tmp_path, small_digits):
 
 
 def test_evaluation_loss_is_the_mean_cross_entropy_of_the_split(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits, per_device_eval_batch_size=7)  # an uneven last batch
+    trainer = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "out",
+                           per_device_eval_batch_size=7)  # an uneven last batch
     metrics = trainer.evaluate()
     data = small_digits["validation"]
     model = trainer.model.eval()
@@ -67,37 +59,8 @@ def test_evaluation_loss_is_the_mean_cross_entropy_of_the_split(tmp_path, small_
     assert metrics["eval_validation_loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_save_model_writes_model_results_plot_and_card(tmp_path, small_digits):
-    from huggingface_hub import ModelCard
-    from transformers import AutoModelForImageClassification
-
-    trainer = erm_trainer(tmp_path, small_digits)
-    trainer.train()
-    trainer.evaluate()
-    trainer.save_model()
-    out = Path(trainer.args.output_dir)
-    results = json.loads((out / "results.json").read_text())
-    assert results["method"] == "ERM"
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in ("results.json", "README.md", "config.json"):  # the same permissions as any file written here
-        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-    assert results["splits"]["test_biased"]["worst_group_accuracy"] == trainer.eval_results["test_biased"]["worst_group_accuracy"]
-    assert (out / "plots" / "group_accuracy.png").stat().st_size > 1000
-    card = ModelCard.load(out / "README.md")
-    index = card.data.to_dict()["model-index"][0]["results"]
-    wga = [m for r in index for m in r["metrics"] if m["type"] == "worst_group_accuracy" and r["dataset"]["split"] == "test_biased"]
-    assert wga and wga[0]["value"] == pytest.approx(round(results["splits"]["test_biased"]["worst_group_accuracy"], 4))
-    assert "hf_robust" in card.data.tags
-    assert "| test_biased |" in card.text
-    # a stock transformers model, with the trained weights
-    reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(reloaded(pixel_values=x).logits, trainer.model.eval()(pixel_values=x).logits, atol=1e-6)
-
-
 def test_save_model_evaluates_a_model_trained_since_its_last_evaluation(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits, max_steps=1)
+    trainer = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "out", max_steps=1)
     trainer.evaluate()
     before = trainer.eval_results["validation"]["accuracy"]
     trainer.train()  # the evaluation above described the untrained model
@@ -129,7 +92,8 @@ def test_a_given_augmenting_collator_augments_training_only(tmp_path, small_digi
 
 
 def test_push_to_hub_offline_fails_clearly_after_saving(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits, push_to_hub=True, hub_model_id="someone/robust-digits", max_steps=2)
+    trainer = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "out", push_to_hub=True,
+                           hub_model_id="someone/robust-digits", max_steps=2)
     trainer.train()
     trainer.evaluate()
     with pytest.raises(HubPushError, match=r"someone/robust-digits.*saved in .*hf upload .* --exclude 'stages/\*' "):
@@ -237,7 +201,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, small_digits):
 
 
 def test_compute_per_example_is_ordered_and_complete(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits, per_device_eval_batch_size=7)
+    trainer = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "out", per_device_eval_batch_size=7)
     data = small_digits["validation"].shuffle(seed=3)  # rows out of example_idx order
     out = trainer.compute_per_example(
         data, lambda model, batch: {"label": batch["labels"], "tokens": batch["labels"][:, None].repeat(1, 3)}
@@ -257,7 +221,7 @@ class BatchRecorder(RobustTrainer):
 
 
 def test_class_balanced_sampling(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits, balanced_sampling="class")
+    trainer = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "out", balanced_sampling="class")
     sampler = trainer._get_train_sampler()
     labels = np.asarray(small_digits["train"]["label"])
     draws = [list(iter(sampler)) for _ in range(20)]
@@ -363,7 +327,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, small_digits, text_dat
 
 
 def test_metric_module_is_the_trainers_metric(tmp_path, small_digits):
-    trainer = erm_trainer(tmp_path, small_digits)
+    trainer = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "out")
     assert trainer.metric.name == load_metric().name == "worst_group_accuracy"
 
 
