@@ -206,7 +206,7 @@ def make_trainer(method: str, family: str, data, output_dir, *, model=None, proc
     of `data`), with `method_config(method, output_dir, **config_kwargs)`. Text families read `tokenizer`; raw
     timm models are wrapped with the arguments they were built with (TIMM_MODELS), so that their saved folder
     reloads. `trainer_kwargs` go to the trainer (dataset_name=, teacher=, heldout_dataset=, ...)."""
-    from hf_robust.core.trainer import maybe_wrap_timm
+    from hf_robust.models.timm_wrap import maybe_wrap_timm
     from hf_robust.methods.registry import get_method
 
     if model is None:

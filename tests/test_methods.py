@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import DISTRIBUTED_CHECKS, FAMILIES, TEXT_FAMILIES, RunDir, case_id, make_trainer
 
-from hf_robust.core.trainer import atomic_write_json
+from hf_robust.core.files import atomic_write_json
 from hf_robust.methods.registry import METHODS
 
 # The matrix, peft's TEST_CASES habit: (method, family, data fixture, config kwargs over METHOD_TEST_DEFAULTS of
