@@ -44,6 +44,11 @@ class RobustConfig(TrainingArguments):
     Parameters that control the report:
         save_plots (`bool`, *optional*, defaults to `True`):
             Write the per-group accuracy plot (and method plots) into `output_dir/plots`.
+        group_inference (`str`, *optional*, defaults to `"on"`):
+            `"on"`: a run with an ERM stage reports which examples its ERM model points to as the minority, by two
+            label-free rules (its training errors, and its largest held-out gradient norms): their precision and
+            recall per group when groups are known, and always examples with where the model looks
+            (`hf_robust.inference`; results.json, the card, `plots/group_inference.png`). `"off"` skips it.
 
     Parameters of the health check every run ends with (`hf_robust.core.health`): the final model against
     the model the method started from (its ERM stage, or the model given), on `health_split` with labels only:
@@ -67,7 +72,7 @@ class RobustConfig(TrainingArguments):
     """
 
     UNRECORDED_FIELDS: ClassVar[tuple[str, ...]] = (
-        "save_plots", "on_worse", "health_margin", "health_split", "overwrite_output_dir",
+        "save_plots", "on_worse", "health_margin", "health_split", "overwrite_output_dir", "group_inference",
     )
 
     remove_unused_columns: bool = field(
@@ -93,6 +98,10 @@ class RobustConfig(TrainingArguments):
         default=None, metadata={"help": "Name of the CAM target layer, if hf_robust does not know the model."}
     )
     save_plots: bool = field(default=True, metadata={"help": "Write report plots into output_dir/plots."})
+    group_inference: str = field(
+        default="on", metadata={"help": "'on': report the minority the ERM stage's errors and gradient norms point "
+                                        "to (results.json, card, plot); 'off'."}
+    )
     on_worse: str = field(
         default="warn",
         metadata={"help": "When the final model is worse than its ERM stage on validation: warn, keep, "
@@ -131,6 +140,8 @@ class RobustConfig(TrainingArguments):
             raise ValueError(
                 f"on_worse={self.on_worse!r}: expected 'keep', 'warn', 'fallback_to_erm' or 'error'."
             )
+        if self.group_inference not in ("on", "off"):
+            raise ValueError(f"group_inference={self.group_inference!r}: expected 'on' or 'off'.")
         if not 0 <= self.health_margin < 1:
             raise ValueError(f"health_margin={self.health_margin}: expected a fraction in [0, 1).")
         if self.remove_unused_columns:

@@ -27,6 +27,8 @@ class RunReport:
             return
         output_dir = Path(output_dir or self.args.output_dir)
         plot_files = []
+        for hook in self.run_hooks() if self.args.save_plots else ():
+            hook.write_plots(output_dir)
         if self.args.save_plots and self.eval_results:
             from ..reporting.plots import plot_group_accuracies
 
@@ -39,6 +41,7 @@ class RunReport:
 
                 plot_selection(selection, output_dir / "plots" / "selection.png",
                                title=f"{self._name}: label-free selection (candidate 0 = the unchanged model)")
+        if self.args.save_plots:
             plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
         results = self.results()
         card = self.create_model_card_object(results, plot_files, output_dir=output_dir)

@@ -182,15 +182,33 @@ class StageEngine(CheckpointIO):
                     stage.load(stage_dir)
                 self.skipped_stages.append(stage.name)
                 self.finished_stages.append(stage.name)
+                self._after_stage(stage.name)
                 continue
             start = time.perf_counter()
             self.current_stage = stage.name
             stage.run(stage_dir, resume)
             self._mark_stage_finished(stage.name, time.perf_counter() - start)
             self.finished_stages.append(stage.name)
+            self._after_stage(stage.name)
         self.current_stage = None
         self.run_health_check()
         return self._train_output
+
+    # ------------------------------------------------------------------ run hooks
+    def run_hooks(self) -> list:
+        """The registry's run hooks (`hf_robust.methods.registry.RUN_HOOKS`) bound to this trainer, built on first
+        use: reports every run carries whatever its method. Each hook has `after_stage(name, stage_dir)` (called on
+        every process after each stage, run or restored on resume), `results()` (merged into results.json) and
+        `write_plots(output_dir)` (before the card lists the plots)."""
+        if getattr(self, "_run_hook_objects", None) is None:
+            from ..methods.registry import run_hook_classes
+
+            self._run_hook_objects = [hook(self) for hook in run_hook_classes()]
+        return self._run_hook_objects
+
+    def _after_stage(self, name: str) -> None:
+        for hook in self.run_hooks():
+            hook.after_stage(name, self.stage_dir(name))
 
     # ------------------------------------------------------------------ the output folder
     def claim_output_dir(self, resume: bool = False) -> None:

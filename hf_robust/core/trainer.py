@@ -314,6 +314,7 @@ class RobustTrainer(StageEngine, HealthAndSelection, PerExamplePass, RunReport, 
             "skipped_stages": self.skipped_stages,
             "health": self.health,
             **({"selection": selection} if selection is not None else {}),
+            **{k: v for hook in self.run_hooks() for k, v in hook.results().items()},
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

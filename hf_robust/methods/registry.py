@@ -119,3 +119,14 @@ def checkpoint_refusal(folder, model, trainer_name: str) -> str | None:
             if reason:
                 return reason
     return None
+
+
+# Reports every run carries whatever its method, as "module:Class": Class(trainer) with `after_stage(name,
+# stage_dir)`, `results() -> dict` (merged into results.json) and `write_plots(output_dir)`; the core builds and calls
+# them without naming them (`StageEngine.run_hooks`). Group inference: the minority the ERM stage points to.
+RUN_HOOKS: tuple[str, ...] = ("hf_robust.inference.group_inference:GroupInferenceHook",)
+
+
+def run_hook_classes() -> list:
+    """The classes of RUN_HOOKS."""
+    return [load_object(path) for path in RUN_HOOKS]

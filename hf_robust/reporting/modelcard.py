@@ -27,6 +27,62 @@ def _selection(selection: dict | None) -> dict | None:
     return {"line": format_selection(selection)[len("selection: "):]}
 
 
+_RULE_NAMES = {
+    "error_set": ("error set", "JTT, [arXiv:2107.09044](https://arxiv.org/abs/2107.09044)", "misclassifies"),
+    "gradient_norm": ("gradient norm", "GradTune", "selects by the largest last-layer gradient norm"),
+}
+
+
+def _share(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def group_inference_section(report: dict | None, plot_file: str | None = None) -> str | None:
+    """The card's "Which examples look like the minority?" section from results.json's `group_inference`: what
+    each rule found, precision and recall per group (when groups are known), and the examples (the plot, and for
+    text the top tokens)."""
+    if not report:
+        return None
+    lines = ["## Which examples look like the minority?", "",
+             "Two label-free rules point to the examples the ERM model (the run's `erm` stage) treats as a minority:"]
+    table, classes, texts = [], [], []
+    for rule, (name, source, verb) in _RULE_NAMES.items():
+        entry = report.get(rule)
+        if not entry:
+            continue
+        if "skipped" in entry:
+            lines.append(f"- **{name}** ({source}): not computed, {entry['skipped']}.")
+            continue
+        lines.append(f"- **{name}** ({source}): the `{entry['split']}` examples it {verb}"
+                     f"{'' if entry['part'] == 'all' else ' (' + entry['part'] + ')'}: **{entry['size']}** of "
+                     f"{entry['examples_scored']} ({_share(entry['fraction'])}).")
+        for group, row in (entry.get("per_group") or {}).items():
+            table.append(f"| {name} | {group} | {row['count']} | {row['in_set']} | {_share(row['precision'])} | "
+                         f"{_share(row['recall'])} |")
+        if not entry.get("per_group"):
+            classes += [f"| {name} | {c} | {row['count']} | {row['in_set']} |"
+                        for c, row in entry.get("per_class", {}).items()]
+        for example in entry.get("examples", []):
+            if example.get("top_tokens"):
+                tokens = ", ".join(f"`{t}`" for t, _ in example["top_tokens"])
+                texts.append(f"- {name}: label {example['label']}, predicted {example['prediction']}"
+                             f"{'' if example['group'] is None else ' (' + str(example['group']) + ')'}: {tokens}")
+    if table:
+        lines += ["", "Against the true groups (precision: share of the set in the group; recall: share of the "
+                  "group in the set):", "", "| rule | group | examples | in set | precision | recall |",
+                  "| --- | --- | --- | --- | --- | --- |", *table]
+    if classes:
+        lines += ["", "The data has no group labels, so precision and recall per group cannot be computed; the sets by "
+                  "class:", "", "| rule | class | examples | in set |", "| --- | --- | --- | --- |", *classes]
+    if texts:
+        lines += ["", "Examples from each set, with the tokens the model's prediction rests on most (gradient x "
+                  "input):", "", *texts]
+    if plot_file:
+        lines += ["", "Examples from each set with where the model looks (XGrad-CAM or top tokens, for its "
+                  "prediction): a shortcut shared by the set shows here.", "", f"![inferred minority]({plot_file})"]
+    return "\n".join(lines)
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -91,7 +147,7 @@ def build_model_card(
         for name, g in report.get("groups", {}).items()
     ]
     baseline = results.get("stages", {}).get(baseline_name) if baseline_name else None
-    return ModelCard.from_template(
+    card = ModelCard.from_template(
         card_data,
         template_path=model_card_template(),
         model_name=model_name,
@@ -117,3 +173,11 @@ def build_model_card(
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
     )
+    section = group_inference_section(
+        results.get("group_inference"), next((p for p in plot_files if p.endswith("group_inference.png")), None)
+    )
+    if section:  # before "How to use" (the end of the results part of the template), else at the end
+        marker = "\n## How to use"
+        card.text = (card.text.replace(marker, f"\n{section}\n{marker}", 1) if marker in card.text
+                     else f"{card.text.rstrip()}\n\n{section}\n")
+    return card

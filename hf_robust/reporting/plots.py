@@ -16,8 +16,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -204,3 +205,43 @@ def plot_selection(selection: dict, path: str | Path, title: str | None = None) 
     ax.set_title(title or "label-free selection (chosen: outlined)")
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
+
+
+def plot_inferred_minority(panels: dict[str, dict], path: str | Path) -> Path:
+    """Examples of inferred minorities, one row of panels per rule: each image with its CAM over it, or each text's
+    top tokens by attribution (bars).
+
+    `panels` maps a rule's title to {"captions": [str] per example, "images": uint8 (N, 3, H, W) or None,
+    "maps": (N, H, W) in [0, 1] or None, "tokens": [[(token, score), ...] per example] or None}. A rule with no
+    example gets a row that says so.
+    """
+    plt = _pyplot()
+    panels = panels or {"no rule ran": {"captions": []}}
+    columns = max(1, max(len(p.get("captions") or []) for p in panels.values()))
+    text = any(p.get("tokens") for p in panels.values())
+    width, height = (2.6, 2.1) if text else (1.5, 1.9)
+    fig = plt.figure(figsize=(max(6.0, width * columns), height * len(panels)), layout="constrained")
+    for subfigure, (title, panel) in zip(np.atleast_1d(fig.subfigures(len(panels), 1)), panels.items()):
+        subfigure.suptitle(title, fontsize=8, fontweight="bold")
+        axes = np.atleast_1d(subfigure.subplots(1, columns))
+        captions = panel.get("captions") or []
+        images, maps, tokens = panel.get("images"), panel.get("maps"), panel.get("tokens")
+        for column, ax in enumerate(axes):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column >= len(captions):
+                ax.axis("off")
+                if column == 0:
+                    ax.text(0.0, 0.5, "(the set is empty)", fontsize=8)
+                continue
+            if images is not None:
+                ax.imshow(images[column].permute(1, 2, 0).numpy())
+                if maps is not None:
+                    ax.imshow(maps[column].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            elif tokens is not None:
+                pairs = list(tokens[column] or [])[::-1]
+                ax.barh(np.arange(len(pairs)), [s for _, s in pairs], color="tab:red")
+                ax.set_yticks(np.arange(len(pairs)), [t for t, _ in pairs], fontsize=7)
+                ax.tick_params(axis="x", labelsize=6)
+            ax.set_title(captions[column], fontsize=6)
+    return _save(fig, path, tight=False)
