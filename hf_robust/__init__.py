@@ -31,6 +31,8 @@ _EXPORTS = {
     "ImagePreprocessing": "hf_robust.data.preprocessing",
     "load_model": "hf_robust.models.presets",
     "load_metric": "hf_robust.resources",
+    "infer_groups": "hf_robust.inference",
+    "InferredGroups": "hf_robust.inference",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
