@@ -34,7 +34,9 @@ _RULE_NAMES = {
 
 
 def _share(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if value == 0 or value >= 0.001 else f"{100 * value:.2g}%"
 
 
 def group_inference_section(report: dict | None, plot_file: str | None = None) -> str | None:
