@@ -175,6 +175,34 @@ def test_off_leaves_no_report(small_digits, tmp_path):
         make_trainer("erm", "hf_resnet", small_digits, tmp_path / "bad", group_inference="sometimes")
 
 
+def test_the_report_changes_nothing_the_method_trains(small_digits, tmp_path):
+    """MaskTune's stages after ERM (masks, a fine-tuning epoch) give the same model with the report on or off."""
+    weights = {}
+    for switch in ("on", "off"):
+        trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / switch,
+                               finetune_learning_rate=3e-4, mask_threshold_std=1.0, group_inference=switch)
+        trainer.train()
+        weights[switch] = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        assert ("group_inference" in trainer.results()) == (switch == "on")
+    assert all(torch.equal(weights["on"][k], v) for k, v in weights["off"].items())
+
+
+def test_a_model_the_rules_cannot_read_is_reported_as_skipped(small_digits, tmp_path, monkeypatch):
+    from hf_robust.models.adapter import ModelAdapter, UnsupportedModelError
+
+    def per_token(self, inputs):
+        raise UnsupportedModelError("The classifier runs on every token")
+
+    monkeypatch.setattr(ModelAdapter, "penultimate", per_token)
+    trainer = make_trainer("erm", "hf_resnet", small_digits, tmp_path / "skip")
+    trainer.train()  # the run itself goes on
+    trainer.save_model()
+    report = json.loads((tmp_path / "skip" / "results.json").read_text())["group_inference"]
+    assert set(report) == {"error_set", "gradient_norm"}
+    assert all("classifier runs on every token" in entry["skipped"] for entry in report.values())
+    assert "not computed, the model does not allow it" in (tmp_path / "skip" / "README.md").read_text()
+
+
 def test_gradtune_run_infers_its_own_finetuning_set(small_digits, tmp_path):
     trainer = make_trainer("gradtune", "hf_resnet", small_digits, tmp_path / "gt", finetune_set_size=20,
                            last_layer_epochs=5)

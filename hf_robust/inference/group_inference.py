@@ -234,7 +234,14 @@ class GroupInferenceHook:
                 tensors = folder / "tensors.safetensors"
                 self.tensors = trainer.load_stage_tensors(folder, "tensors") if tensors.is_file() else {}
                 return
-        self.reports, self.tensors = self.compute(settings)
+        from ..models.adapter import UnsupportedModelError
+
+        try:
+            self.reports, self.tensors = self.compute(settings)
+        except UnsupportedModelError as error:  # e.g. a classifier on every token: the same on every process
+            logger.warning("Group inference is skipped: %s", error)
+            self.reports = {rule: {"skipped": f"the model does not allow it ({error})"} for rule in RULES}
+            self.tensors = {}
         if self.tensors:
             trainer.save_stage_tensors(folder, self.tensors, "tensors")
         trainer.save_stage_json(folder, "report", {"settings": settings, "reports": self.reports})  # last
