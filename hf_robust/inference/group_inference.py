@@ -89,7 +89,8 @@ def _rule_outputs(rule: str, outputs: dict, settings: dict) -> tuple[torch.Tenso
 def explain_rows(model: nn.Module, adapter, rows: list[dict], collator, device, model_inputs=None) -> dict:
     """Where the model looks for `rows` (dataset rows), for its predicted class: images -> {"images": uint8
     (B, 3, H, W), "maps": XGrad-CAM at the input size in [0, 1] (None when the model has no CAM layer)};
-    texts -> {"tokens": [[(token, attribution), ...] top TOP_TOKENS per row], "texts": [...]}. Plus "predictions"."""
+    texts -> {"tokens": [[(token, attribution), ...] the TOP_TOKENS largest positive attributions per row (special
+    tokens and padding left out)], "texts": [...]}. Plus "predictions"."""
     from ..explain.cam import normalize_per_image, token_attributions, upsample, xgradcam
     from ..models.adapter import UnsupportedModelError
 
@@ -116,10 +117,10 @@ def explain_rows(model: nn.Module, adapter, rows: list[dict], collator, device, 
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
     tokens = []
     for ids, row_scores, valid in zip(batch["input_ids"].cpu(), scores.detach().float().cpu(), mask.cpu()):
-        keep = valid & torch.as_tensor([int(i) not in special for i in ids.tolist()])
+        keep = valid & torch.as_tensor([int(i) not in special for i in ids.tolist()]) & (row_scores > 0)
         positions = torch.nonzero(keep).flatten()
         top = positions[torch.sort(row_scores[positions], descending=True, stable=True).indices[:TOP_TOKENS]]
-        tokens.append([(tokenizer.convert_ids_to_tokens(int(ids[p])), round(float(row_scores[p]), 6))
+        tokens.append([(tokenizer.convert_ids_to_tokens(int(ids[p])), float(f"{float(row_scores[p]):.4g}"))
                        for p in top.tolist()])
     texts = [" / ".join(str(row[k]) for k in ("text", "premise", "hypothesis") if k in row) for row in rows]
     return {"tokens": tokens, "texts": texts, "predictions": logits.argmax(-1).cpu()}
