@@ -222,7 +222,10 @@ class GroupInferenceHook:
     # -- what a run's core calls
     def after_stage(self, name: str, stage_dir: Path) -> None:
         trainer = self.trainer
-        if name != STAGE_NAME or getattr(trainer.args, "group_inference", "on") == "off":
+        if name != STAGE_NAME:
+            return
+        self.reports, self.tensors = None, {}  # (a report of an earlier train() of this trainer no longer holds)
+        if getattr(trainer.args, "group_inference", "on") == "off":
             return
         folder = Path(trainer.args.output_dir) / "stages" / FOLDER
         settings = self.settings()
