@@ -328,3 +328,68 @@ def test_attribute_missing_from_one_split_gives_it_unknown_groups_under_the_same
             assert ds["test"]["group"] == [-1, -1]
             assert ds["test"].features["group"].names == ds["train"].features["group"].names
             assert len(ds["train"].features["group"].names) == 4 and min(ds["train"]["group"]) >= 0
+
+
+# ----------------------------------------------------------------------------- overlapping groups through a run
+def _overlapping_text_data(text_data, num_groups=5, seed=0):
+    """text_data with random overlapping evaluation groups (some examples in none, group 4 empty everywhere)."""
+    from hf_robust.data.overlapping import add_overlapping_groups
+
+    rng = np.random.default_rng(seed)
+    names = [f"g{g}" for g in range(num_groups)]
+    out = {}
+    for split, data in text_data.items():
+        matrix = rng.random((len(data), num_groups)) < 0.35
+        matrix[:, 4] = False
+        out[split] = add_overlapping_groups(data, [np.flatnonzero(row).tolist() for row in matrix], names)
+    return DatasetDict(out)
+
+
+@pytest.fixture
+def repo_metric(monkeypatch):
+    """The trainer's metric module from this checkout (an editable install may point metric_path elsewhere)."""
+    from pathlib import Path
+
+    import hf_robust.resources
+
+    metrics = Path(__file__).resolve().parents[1] / "metrics"
+    monkeypatch.setattr(hf_robust.resources, "metric_path", lambda name: str(metrics / name))
+
+
+def test_a_run_reports_overlapping_groups_ece_and_class_balanced_accuracy(tmp_path, text_data, tokenizer, repo_metric):
+    import json
+
+    import torch
+    from conftest import make_trainer
+
+    data = _overlapping_text_data(text_data)
+    trainer = make_trainer("erm", "hf_bert", data, tmp_path / "run", tokenizer=tokenizer, eval_splits=["test"],
+                           per_device_eval_batch_size=16, num_train_epochs=4,
+                           trainer_kwargs={"dataset_name": "overlapping_text"})
+    trainer.train()
+    trainer.save_model()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    report = results["splits"]["test"]
+
+    # the same numbers by brute force from the model's logits
+    logits = torch.as_tensor(trainer.predict(data["test"]).predictions)
+    predictions = logits.argmax(-1).numpy()
+    labels = np.asarray(data["test"]["label"])
+    memberships = data["test"]["overlapping_groups"]
+    per_group = {}
+    for g in range(5):
+        idx = [i for i, m in enumerate(memberships) if g in m]
+        if idx:
+            per_group[f"g{g}"] = (float(np.mean(predictions[idx] == labels[idx])), len(idx))
+    assert len(per_group) == 4 and report["overlapping_groups"] is True
+    assert {name: (pytest.approx(v["accuracy"]), v["count"]) for name, v in report["groups"].items()} == per_group
+    assert report["worst_group_accuracy"] == pytest.approx(min(a for a, _ in per_group.values()))
+    assert sum(c for _, c in per_group.values()) > len(labels) - sum(not m for m in memberships)  # overlapping
+    recalls = [np.mean(predictions[labels == c] == c) for c in np.unique(labels)]
+    assert report["class_balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    confidence, _ = logits.double().softmax(-1).max(-1)
+    bins = np.minimum(np.searchsorted(np.arange(1, 16) / 15, confidence.numpy(), side="left"), 14)
+    ece = sum((bins == b).sum() / len(labels) * abs(np.mean(predictions[bins == b] == labels[bins == b])
+                                                    - confidence.numpy()[bins == b].mean())
+              for b in range(15) if (bins == b).any())
+    assert report["expected_calibration_error"] == pytest.approx(ece)

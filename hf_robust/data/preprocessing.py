@@ -1,4 +1,5 @@
-"""Batches for the Trainer: images and text in, model inputs plus `labels`, `group`, `example_idx` out.
+"""Batches for the Trainer: images and text in, model inputs plus `labels`, `group`, `example_idx` out (and the
+padded `overlapping_groups` ids of a split that has overlapping evaluation groups, `hf_robust.data.overlapping`).
 
 Image geometry and normalisation come from the model's own image processor or timm data config (size,
 resize/crop rule, mean, std, interpolation), never from constants written here. Images go through three
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .overlapping import OVERLAPPING_GROUPS, padded_group_ids
 
 ExampleTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -232,6 +235,8 @@ class GroupDataCollator:
             "group": torch.tensor([row.get("group", -1) for row in rows], dtype=torch.long),
             "example_idx": example_idx,
         }
+        if rows and OVERLAPPING_GROUPS in rows[0]:
+            batch[OVERLAPPING_GROUPS] = padded_group_ids(rows)
         if self.input_kind == "image":
             pixels = self.image_preprocessing.to_uint8([row["image"] for row in rows])
             if self.example_transform is not None:
