@@ -217,29 +217,77 @@ def test_multinli_local_copy(tmp_path):
     assert has_negation("I have NO idea.") and not has_negation("nobodyx")
 
 
-def test_civilcomments_local_copy_rebuilds_wilds_identities(tmp_path):
-    n = 4
+CIVIL = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
+
+
+def _civil_raw(n=60, seed=0, aggregates=True):
+    """A table in WILDS' layout (the Hub repo's `raw` config): comment_text, split, toxicity and the identities."""
+    rng = np.random.default_rng(seed)
+    columns = {"id": list(range(n)), "comment_text": [f"comment {i}" for i in range(n)],
+               "split": [["train", "val", "test"][i % 3] for i in range(n)],
+               "toxicity": rng.choice([0.0, 0.2, 0.5, 0.8], n).tolist(), "severe_toxicity": [0.0] * n}
+    for identity in CIVIL if aggregates else ("male", "female", "christian", "muslim", "black", "white"):
+        # 0.5 is on WILDS' threshold (>= 0.5: mentioned); several identities per comment
+        columns[identity] = rng.choice([0.0, 0.0, 0.3, 0.5, 1.0], n).tolist()
+    return columns
+
+
+def test_civilcomments_is_wilds_raw_split_with_16_overlapping_groups(tmp_path, monkeypatch):
+    columns = _civil_raw()
+    _write_parquet(tmp_path / "civilcomments", {"train": columns}, subdir="raw")
+    # a `default` config beside it (another layout, other rows) is never read
+    _write_parquet(tmp_path / "civilcomments", {"train": {"text": ["x"], "toxicity": [0.9]}})
+    monkeypatch.setenv("HF_ROBUST_DATA", str(tmp_path))
+    ds = load_benchmark("civilcomments")
+    assert set(ds) == {"train", "validation", "test"} and [len(ds[k]) for k in ("train", "validation", "test")] == [20] * 3
+    names = ds["train"].features["overlapping_groups"].feature.names
+    assert names[:2] == ["non-toxic,male", "non-toxic,female"] and names[8] == "toxic,male" and len(names) == 16
+    for split, code in (("train", "train"), ("validation", "val"), ("test", "test")):
+        rows = [i for i, s in enumerate(columns["split"]) if s == code]
+        data = ds[split]
+        assert data["text"] == [columns["comment_text"][i] for i in rows]
+        toxic = [int(columns["toxicity"][i] >= 0.5) for i in rows]
+        assert data["label"] == toxic
+        for k, identity in enumerate(CIVIL):
+            mentioned = [int(columns[identity][i] >= 0.5) for i in rows]
+            assert data[f"identity_{identity}"] == mentioned
+        expected = [[y * 8 + k for k, identity in enumerate(CIVIL) if columns[identity][i] >= 0.5]
+                    for y, i in zip(toxic, rows)]
+        assert data["overlapping_groups"] == expected
+        assert data["attribute"] == [int(bool(e)) for e in expected]  # training groups: label x any identity
+        assert data["group"] == [2 * y + int(bool(e)) for y, e in zip(toxic, expected)]
+    assert max(len(m) for m in ds["train"]["overlapping_groups"]) >= 3  # really overlapping
+    assert validate_group_dataset(ds["train"]) == "text"
+
+
+def test_civilcomments_rebuilds_wilds_aggregates_from_the_fine_identities(tmp_path):
+    columns = _civil_raw(n=6, aggregates=False)
     fine = ["homosexual_gay_or_lesbian", "bisexual", "other_sexual_orientation", "transgender", "other_gender",
             "jewish", "hindu", "buddhist", "atheist", "other_religion"]
-    columns = {"comment_text": ["a", "b", "c", "d"], "toxicity": [0.7, 0.1, 0.5, 0.2]}
-    for identity in ("male", "female", "christian", "muslim", "black", "white"):
-        columns[identity] = [0.0] * n
     for name in fine:
-        columns[name] = [0.0] * n
-    columns["female"] = [0.6, 0.0, 0.0, 0.0]
-    columns["bisexual"] = [0.0, 0.8, 0.0, 0.0]  # -> LGBTQ
-    columns["hindu"] = [0.0, 0.0, 0.0, 0.4]  # below threshold
+        columns[name] = [0.0] * 6
+    columns["bisexual"] = [0.0, 0.8, 0.0, 0.0, 0.0, 0.0]  # -> LGBTQ (row 1: the train split's second row)
+    columns["hindu"] = [0.0, 0.0, 0.0, 0.4, 0.0, 0.0]  # below the threshold
+    ds = load_benchmark("civilcomments", path=_write_parquet(tmp_path / "civil", {"train": columns}, subdir="raw"))
+    assert ds["train"]["identity_LGBTQ"] == [0, 0] and ds["validation"]["identity_LGBTQ"] == [1, 0]
+    assert ds["train"]["identity_other_religions"] == [0, 0]
+
+
+def test_civilcomments_without_wilds_split_column_is_refused_clearly(tmp_path):
+    columns = _civil_raw(n=6)
+    del columns["split"]
     root = _write_parquet(tmp_path / "civil", {"train": columns, "validation": columns, "test": columns})
-    ds = load_benchmark("civilcomments", path=root)
-    train = ds["train"]
-    assert train["label"] == [1, 0, 1, 0]
-    assert train["attribute"] == [1, 1, 0, 0]
-    assert train["identity_LGBTQ"] == [0, 1, 0, 0] and train["identity_other_religions"] == [0, 0, 0, 0]
-    assert train["text"] == ["a", "b", "c", "d"]
+    with pytest.raises(DataValidationError, match=r"no `split` column.*`raw` config.*not WILDS' split"):
+        load_benchmark("civilcomments", path=root)
+    columns = _civil_raw(n=6)
+    columns["split"][0] = "extra"
+    with pytest.raises(DataValidationError, match=r"`split` column has the values \['extra'\]"):
+        load_benchmark("civilcomments", path=_write_parquet(tmp_path / "civil2", {"train": columns}, subdir="raw"))
 
 
 def test_civilcomments_missing_columns_is_clear(tmp_path):
-    root = _write_parquet(tmp_path / "civil", {"train": {"text": ["a"], "toxicity": [0.1]}})
+    root = _write_parquet(tmp_path / "civil", {"train": {"text": ["a"], "toxicity": [0.1], "split": ["train"]}},
+                          subdir="raw")
     with pytest.raises(DataValidationError, match=r"columns \[.*'male'.*\] are missing"):
         load_benchmark("civilcomments", path=root)
 

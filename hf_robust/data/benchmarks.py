@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 
 from .core import DataValidationError, as_group_dataset
+from .overlapping import OVERLAPPING_GROUPS, overlapping_feature
 from .embedded import make_biased_digits, make_spurious_text
 
 NEGATION_WORDS = frozenset({"nobody", "no", "never", "nothing"})
@@ -46,12 +47,15 @@ def _local_source(name: str, path: str | os.PathLike | None, aliases: tuple[str,
     return None
 
 
-def _read(name: str, hub_id: str, config: str | None, path, aliases: tuple[str, ...] = ()) -> DatasetDict:
-    """The raw DatasetDict from a local copy if there is one, else from the Hub."""
+def _read(name: str, hub_id: str, config: str | None, path, aliases: tuple[str, ...] = (),
+          revision: str | None = None) -> DatasetDict:
+    """The raw DatasetDict from a local copy if there is one, else from the Hub (at `revision`: a commit, tag or
+    branch; default the main branch)."""
     local = _local_source(name, path, aliases)
     if local is None:
         try:
-            return load_dataset(hub_id, config) if config else load_dataset(hub_id)
+            extra = {"revision": revision} if revision else {}
+            return load_dataset(hub_id, config, **extra) if config else load_dataset(hub_id, **extra)
         except Exception as error:  # offline, or no such dataset: say where a local copy can go
             raise DataValidationError(
                 f"Could not load benchmark {name!r} from the Hub ({hub_id}"
@@ -166,42 +170,82 @@ def load_multinli(path=None, **_) -> DatasetDict:
 
 
 def _civil_columns(batch: dict, text_column: str) -> dict:
-    out = {"text": batch[text_column]}
+    """WILDS' label (toxicity >= 0.5) and its 8 identities (each >= 0.5; LGBTQ and other_religions rebuilt from the
+    fine columns when a copy lacks them), any identity, and the 16 overlapping groups (label * 8 + identity)."""
+    out = {"text": batch[text_column], "split": batch["split"]}
     toxicity = np.asarray(batch["toxicity"], dtype=np.float64)
-    out["toxic"] = (toxicity >= 0.5).astype(np.int64).tolist()
-    any_identity = np.zeros(len(toxicity), dtype=bool)
-    for identity in CIVIL_IDENTITIES:
+    toxic = (toxicity >= 0.5).astype(np.int64)
+    out["toxic"] = toxic.tolist()
+    identities = np.zeros((len(toxicity), len(CIVIL_IDENTITIES)), dtype=bool)
+    for i, identity in enumerate(CIVIL_IDENTITIES):
         if identity in batch:
-            values = np.asarray(batch[identity], dtype=np.float64) >= 0.5
+            values = np.nan_to_num(np.asarray(batch[identity], dtype=np.float64)) >= 0.5
         else:
             values = np.zeros(len(toxicity), dtype=bool)
             for member in _CIVIL_AGGREGATES[identity]:
                 values |= np.nan_to_num(np.asarray(batch[member], dtype=np.float64)) >= 0.5
         out[f"identity_{identity}"] = values.astype(np.int64).tolist()
-        any_identity |= values
-    out["identity_any"] = any_identity.astype(np.int64).tolist()
+        identities[:, i] = values
+    out["identity_any"] = identities.any(axis=1).astype(np.int64).tolist()
+    out[OVERLAPPING_GROUPS] = [(y * len(CIVIL_IDENTITIES) + np.flatnonzero(row)).tolist()
+                               for y, row in zip(toxic, identities)]
     return out
 
 
-def load_civilcomments(path=None, **_) -> DatasetDict:
-    """CivilComments-WILDS: label = toxicity >= 0.5, attribute = any of WILDS' 8 coarse identities
-    (male, female, LGBTQ, christian, muslim, other_religions, black, white; each >= 0.5) is mentioned.
-    The 8 binary identity columns are kept (`identity_<name>`) for WILDS' overlapping 16-group report."""
-    raw = _read("civilcomments", "pietrolesci/civilcomments-wilds", None, path)
-    columns = raw[next(iter(raw))].column_names
+def _wilds_split(values: list) -> np.ndarray:
+    """WILDS' `split` column (train / val / test, or 0 / 1 / 2) as 0 / 1 / 2; anything else is an error."""
+    codes = {"train": 0, "val": 1, "validation": 1, "test": 2, 0: 0, 1: 1, 2: 2}
+    unknown = sorted({str(v) for v in set(values) if v not in codes})
+    if unknown:
+        raise DataValidationError(
+            f"Benchmark 'civilcomments': the `split` column has the values {unknown[:5]}; expected WILDS' train, val "
+            "and test."
+        )
+    return np.asarray([codes[v] for v in values], dtype=np.int64)
+
+
+def load_civilcomments(path=None, revision: str | None = None, **_) -> DatasetDict:
+    """CivilComments as WILDS defines it (Koh et al. 2021, arXiv:2012.07421): the `raw` config of the Hub repo
+    `pietrolesci/civilcomments-wilds` (one table of WILDS' rows and columns), split on WILDS' `split` column
+    (train / val / test -> train / validation / test: 269,038 / 45,180 / 133,782 rows in WILDS).
+
+    label = toxicity >= 0.5; WILDS' 8 identities (male, female, LGBTQ, christian, muslim, other_religions, black,
+    white) each mentioned when its value is >= 0.5 (WILDS' code compares `>= 0.5` for both), kept as the columns
+    `identity_<name>`. Evaluation uses the literature's 16 OVERLAPPING groups, each identity x toxic / non-toxic
+    (column `overlapping_groups`, "<label>,<identity>"; a comment counts in every group it belongs to, one that
+    mentions no identity in none): `worst_group_accuracy` is the worst of them, as WILDS, JTT and DFR report.
+    Training-time groups (samplers, group-balanced heads) are the disjoint `group` = label x any identity (4
+    groups), the coarse grouping JTT uses for training.
+
+    The repo's `default` config is not read: it is not WILDS' split (about 3k rows fewer, de-duplicated:
+    ~268k / 45k / 133k), so its numbers would not compare with the literature's.
+    """
+    raw = _read("civilcomments", "pietrolesci/civilcomments-wilds", "raw", path, revision=revision)
+    table = concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
+    columns = table.column_names
+    if "split" not in columns:
+        raise DataValidationError(
+            f"Benchmark 'civilcomments': the copy has no `split` column (columns: {columns[:12]}...): expected the "
+            "`raw` config of pietrolesci/civilcomments-wilds (WILDS' one table with its `split` column), e.g. "
+            "load_dataset('pietrolesci/civilcomments-wilds', 'raw').save_to_disk(<dir>). The `default` config "
+            "(train/validation/test without `split`) is de-duplicated and is not WILDS' split."
+        )
     text_column = "text" if "text" in columns else "comment_text"
-    needed = [text_column, "toxicity"]
+    needed = [text_column, "toxicity", "split"]
     for identity in CIVIL_IDENTITIES:
         needed.extend([identity] if identity in columns else _CIVIL_AGGREGATES.get(identity, (identity,)))
-    _require(raw, tuple(needed), "civilcomments")
-    raw = raw.map(
-        _civil_columns, batched=True, fn_kwargs={"text_column": text_column},
-        remove_columns=columns,
-    )
-    return as_group_dataset(
-        raw, "toxic", "identity_any", label_names=["non-toxic", "toxic"],
-        attribute_names=["no identity", "identity"],
-    )
+    _require(DatasetDict({"raw": table}), tuple(needed), "civilcomments")
+    table = table.map(_civil_columns, batched=True, fn_kwargs={"text_column": text_column}, remove_columns=columns)
+    codes = _wilds_split(table["split"])
+    table = table.remove_columns("split")
+    splits = DatasetDict({name: table.select(np.flatnonzero(codes == code))
+                          for code, name in enumerate(("train", "validation", "test")) if (codes == code).any()})
+    label_names = ["non-toxic", "toxic"]
+    data = as_group_dataset(splits, "toxic", "identity_any", label_names=label_names,
+                            attribute_names=["no identity", "identity"])
+    names = [f"{label},{identity}" for label in label_names for identity in CIVIL_IDENTITIES]
+    feature = overlapping_feature(names)
+    return DatasetDict({name: split.cast_column(OVERLAPPING_GROUPS, feature) for name, split in data.items()})
 
 
 def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:

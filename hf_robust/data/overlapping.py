@@ -19,7 +19,8 @@ from datasets import ClassLabel, Dataset
 OVERLAPPING_GROUPS = "overlapping_groups"
 
 
-def _list_feature(names: Sequence[str]):
+def overlapping_feature(names: Sequence[str]):
+    """The feature of an `overlapping_groups` column: a list of group ids named by `names`."""
     from datasets import features
 
     inner = ClassLabel(names=list(names))
@@ -36,7 +37,7 @@ def add_overlapping_groups(dataset: Dataset, memberships: Sequence[Sequence[int]
     if OVERLAPPING_GROUPS in dataset.column_names:
         dataset = dataset.remove_columns(OVERLAPPING_GROUPS)
     return dataset.add_column(OVERLAPPING_GROUPS, [sorted(set(ids)) for ids in memberships],
-                              feature=_list_feature(names))
+                              feature=overlapping_feature(names))
 
 
 def overlapping_group_names(dataset: Dataset) -> list[str] | None:
