@@ -217,6 +217,83 @@ def test_multinli_local_copy(tmp_path):
     assert has_negation("I have NO idea.") and not has_negation("nobodyx")
 
 
+MNLI_FEATURES = Features({"premise": Value("string"), "hypothesis": Value("string"),
+                          "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
+
+
+def _mnli_copy(root, sizes=(40, 12, 8), seed=0):
+    """MultiNLI's three labelled splits in the Hub layout (nyu-mll/multi_nli's label order)."""
+    rng = np.random.default_rng(seed)
+    words = ["no", "nobody", "never", "nothing", "not", "no-one", "nobody's", "never.", "cat", "dog", "Nothing,"]
+    splits, pooled = {}, []
+    for name, n in zip(("train", "validation_matched", "validation_mismatched"), sizes):
+        hyps = [f"{name} {i} " + " ".join(rng.choice(words, 2)) for i in range(n)]
+        labels = rng.integers(0, 3, n).tolist()
+        splits[name] = {"premise": [f"p {name} {i}" for i in range(n)], "hypothesis": hyps, "label": labels}
+        pooled += list(zip(hyps, labels))
+    _write_parquet(root, splits, MNLI_FEATURES)
+    return pooled
+
+
+def test_multinli_sagawa_split_labels_pooling_and_negation_rule(tmp_path):
+    from hf_robust.data import sagawa_has_negation
+
+    pooled = _mnli_copy(tmp_path / "mnli")
+    ds = load_benchmark("multinli", path=tmp_path / "mnli", split="sagawa", seed=3)
+    n = len(pooled)  # 60: 50/20/30 -> validation int(0.2 n) = 12, test int(0.3 n) = 18, train the rest
+    assert [len(ds[k]) for k in ("train", "validation", "test")] == [30, 12, 18]
+    assert ds["train"].features["label"].names == ["contradiction", "entailment", "neutral"]
+    rows = {h: y for h, y in pooled}
+    seen = []
+    for split in ("train", "validation", "test"):
+        for h, y, a, g in zip(ds[split]["hypothesis"], ds[split]["label"], ds[split]["attribute"], ds[split]["group"]):
+            # hub order entailment 0, neutral 1, contradiction 2 -> contradiction 0, entailment 1, neutral 2
+            assert y == {0: 1, 1: 2, 2: 0}[rows[h]]
+            assert a == int(sagawa_has_negation(h)) and g == 2 * y + a
+            seen.append(h)
+    assert sorted(seen) == sorted(rows) and len(set(seen)) == n  # every pair of the three splits, once
+    # punctuation is deleted, not a word break (their rule): "no-one" and "nobody's" are no negation, "never." is
+    assert not sagawa_has_negation("x no-one") and not sagawa_has_negation("nobody's here")
+    assert sagawa_has_negation("x never.") and sagawa_has_negation("Nothing, really") and not sagawa_has_negation("not")
+    assert has_negation("x no-one")  # the standard split's rule reads "-" as a word break
+    again = load_benchmark("multinli", path=tmp_path / "mnli", split="sagawa", seed=3)
+    other = load_benchmark("multinli", path=tmp_path / "mnli", split="sagawa", seed=4)
+    assert again["test"]["hypothesis"] == ds["test"]["hypothesis"] != other["test"]["hypothesis"]
+    standard = load_benchmark("multinli", path=tmp_path / "mnli")  # the default: MultiNLI's own splits
+    assert [len(standard[k]) for k in ("train", "validation", "test")] == [40, 12, 8]
+    assert standard["train"].features["label"].names == ["entailment", "neutral", "contradiction"]
+
+
+def test_multinli_sagawa_metadata_file_reproduces_their_split(tmp_path):
+    import pandas as pd
+
+    pooled = _mnli_copy(tmp_path / "mnli")
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 3, len(pooled))
+    negation = rng.integers(0, 2, len(pooled))  # theirs is used as it is
+    gold = [{0: 1, 1: 2, 2: 0}[y] for _, y in pooled]
+    # as their generate_multinli.py writes it: the pooled frame's index, gold_label, sentence2_has_negation, split
+    frame = pd.DataFrame({"gold_label": gold, "sentence2_has_negation": negation, "split": codes},
+                         index=np.arange(len(pooled)) * 2)
+    frame.to_csv(tmp_path / "metadata_random.csv")
+    ds = load_benchmark("multinli", path=tmp_path / "mnli", split="sagawa",
+                        metadata_path=str(tmp_path / "metadata_random.csv"))
+    for code, split in enumerate(("train", "validation", "test")):
+        assert ds[split]["hypothesis"] == [pooled[i][0] for i in np.flatnonzero(codes == code)]
+        assert ds[split]["attribute"] == negation[codes == code].tolist()
+        assert ds[split]["label"] == [gold[i] for i in np.flatnonzero(codes == code)]
+    frame.iloc[:-1].to_csv(tmp_path / "short.csv")
+    with pytest.raises(DataValidationError, match="has 59 rows, the pooled copy .* 60"):
+        load_benchmark("multinli", path=tmp_path / "mnli", split="sagawa", metadata_path=str(tmp_path / "short.csv"))
+    frame.assign(gold_label=(np.asarray(gold) + 1) % 3).to_csv(tmp_path / "other.csv")
+    with pytest.raises(DataValidationError, match="disagrees with the copy's labels on 60 rows"):
+        load_benchmark("multinli", path=tmp_path / "mnli", split="sagawa", metadata_path=str(tmp_path / "other.csv"))
+    with pytest.raises(DataValidationError, match="pass split='sagawa'"):
+        load_benchmark("multinli", path=tmp_path / "mnli", metadata_path=str(tmp_path / "other.csv"))
+    with pytest.raises(DataValidationError, match="expected 'standard' or 'sagawa'"):
+        load_benchmark("multinli", path=tmp_path / "mnli", split="random")
+
+
 CIVIL = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
 
 

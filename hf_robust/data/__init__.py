@@ -1,6 +1,6 @@
 """Group-annotated datasets: the data model, benchmark loaders and the embedded benchmarks."""
 
-from .benchmarks import BENCHMARKS, has_negation, load_benchmark
+from .benchmarks import BENCHMARKS, has_negation, load_benchmark, sagawa_has_negation
 from .core import (
     DataValidationError,
     as_group_dataset,
@@ -24,5 +24,6 @@ __all__ = [
     "make_biased_digits",
     "make_biased_mnist",
     "make_spurious_text",
+    "sagawa_has_negation",
     "validate_group_dataset",
 ]
