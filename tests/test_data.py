@@ -518,3 +518,94 @@ def test_a_run_reports_overlapping_groups_ece_and_class_balanced_accuracy(tmp_pa
                                                     - confidence.numpy()[bins == b].mean())
               for b in range(15) if (bins == b).any())
     assert report["expected_calibration_error"] == pytest.approx(ece)
+
+
+# ----------------------------------------------------------------------------- any Hub dataset id; provenance
+def test_any_hub_dataset_id_loads_like_a_local_path(tmp_path, monkeypatch):
+    import hf_robust.data.hub as hub
+
+    data = DatasetDict({
+        "train": Dataset.from_dict({"sentence": ["a", "b", "c"], "stars": ["low", "high", "high"], "place": [1, 0, 1]}),
+        "test": Dataset.from_dict({"sentence": ["d", "e"], "stars": ["high", "low"], "place": [0, 0]}),
+    })
+    data.save_to_disk(str(tmp_path / "owner" / "reviews"))
+    local = load_benchmark(str(tmp_path / "owner" / "reviews"), label_column="stars", attribute_column="place",
+                           input_column="sentence")
+    calls = []
+
+    def fake_load_dataset(repo_id, *args, **kwargs):
+        calls.append((repo_id, args, kwargs))
+        return data
+
+    monkeypatch.setattr(hub, "load_dataset", fake_load_dataset)
+    remote = load_benchmark("owner/reviews", label_column="stars", attribute_column="place", input_column="sentence",
+                            config="en", revision="v1")
+    assert calls == [("owner/reviews", ("en",), {"revision": "v1"})]
+    for split in ("train", "test"):
+        for column in ("text", "label", "attribute", "group", "example_idx"):
+            assert remote[split][column] == local[split][column], (split, column)
+    assert remote["train"].features["group"].names == local["train"].features["group"].names
+    assert remote["train"]["label"] == [1, 0, 0]  # string classes, sorted: high 0, low 1
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(hub, "load_dataset", offline)
+    with pytest.raises(DataValidationError, match=r"'owner/missing' is not a local folder.*ConnectionError.*save_to_disk"):
+        load_benchmark("owner/missing")
+
+
+def test_hub_benchmarks_ask_the_hub_for_their_config_and_revision(monkeypatch):
+    import hf_robust.data.hub as hub
+
+    calls = []
+
+    def fake_load_dataset(repo_id, *args, **kwargs):
+        calls.append((repo_id, args, kwargs))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(hub, "load_dataset", fake_load_dataset)
+    monkeypatch.delenv("HF_ROBUST_DATA", raising=False)
+    with pytest.raises(DataValidationError, match="pietrolesci/civilcomments-wilds, config raw"):
+        load_benchmark("civilcomments", revision="abc")
+    assert calls == [("pietrolesci/civilcomments-wilds", ("raw",), {"revision": "abc"})]
+
+
+def test_hub_revision_is_read_off_the_cache_path_of_the_data_and_what_derives_from_it(tmp_path):
+    from hf_robust.data.hub import dataset_provenance, hub_revision
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    folder = tmp_path / "datasets" / "pietrolesci___civilcomments-wilds" / "raw" / "0.0.0" / sha
+    folder.mkdir(parents=True)
+    Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}).to_parquet(str(folder / "part.parquet"))
+    from datasets import load_dataset
+
+    loaded = load_dataset("parquet", data_files=str(folder / "part.parquet"), cache_dir=str(folder / "cache"))["train"]
+    derived = as_group_dataset(loaded.select([1, 0]).map(lambda x: {"text": x["text"] + "!"}), attribute_column=None)
+    expected = {"repo": "pietrolesci/civilcomments-wilds", "revision": sha}
+    assert hub_revision(loaded) == expected and hub_revision(derived) == expected
+    assert hub_revision(Dataset.from_dict({"x": [1]})) is None
+    record = dataset_provenance({"train": derived})
+    assert record["dataset_revision"] == expected and record["dataset_fingerprint"] == {"train": derived._fingerprint}
+
+
+def test_a_local_datasets_fingerprint_goes_into_results_and_the_card(tmp_path, tokenizer, repo_metric):
+    import json
+
+    from conftest import make_trainer
+
+    data = DatasetDict({"train": make_spurious_text(train_size=32, validation_size=16, test_size=8)["train"],
+                        "validation": make_spurious_text(train_size=32, validation_size=16, test_size=8)["validation"]})
+    data.save_to_disk(str(tmp_path / "mine"))
+    ds = load_benchmark(str(tmp_path / "mine"))
+    trainer = make_trainer("erm", "hf_bert", ds, tmp_path / "run", tokenizer=tokenizer,
+                           trainer_kwargs={"dataset_name": str(tmp_path / "mine")})
+    trainer.train()
+    trainer.save_model()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dataset_fingerprint"] == {"train": ds["train"]._fingerprint,
+                                              "validation": ds["validation"]._fingerprint}
+    assert results["dataset_revision"] is None
+    assert list(results)[list(results).index("dataset") + 1] == "dataset_revision"
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"datasets fingerprint `{ds['train']._fingerprint}`" in card

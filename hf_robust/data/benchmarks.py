@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from .core import DataValidationError, as_group_dataset
 from .embedded import make_biased_digits, make_spurious_text
-from .hub import _load_local, _read, _rename_splits, _require, _validation_from_train
+from .hub import _load_local, _read, _rename_splits, _require, _validation_from_train, looks_like_hub_id, read_hub_dataset
 from .text_benchmarks import (  # noqa: F401 (their public names, importable from here as before)
     CIVIL_IDENTITIES,
     NEGATION_WORDS,
@@ -31,16 +31,16 @@ from .text_benchmarks import (  # noqa: F401 (their public names, importable fro
     sagawa_has_negation,
 )
 
-def load_waterbirds(path=None, **_) -> DatasetDict:
-    raw = _read("waterbirds", "grodino/waterbirds", None, path)
+def load_waterbirds(path=None, revision: str | None = None, **_) -> DatasetDict:
+    raw = _read("waterbirds", "grodino/waterbirds", None, path, revision=revision)
     _require(raw, ("image", "label", "place"), "waterbirds")
     return as_group_dataset(
         raw, "label", "place", label_names=["landbird", "waterbird"], attribute_names=["land", "water"]
     )
 
 
-def load_celeba(path=None, **_) -> DatasetDict:
-    raw = _read("celeba", "flwrlabs/celeba", "img_align+identity+attr", path)
+def load_celeba(path=None, revision: str | None = None, **_) -> DatasetDict:
+    raw = _read("celeba", "flwrlabs/celeba", "img_align+identity+attr", path, revision=revision)
     raw = _rename_splits(raw, {"valid": "validation"})
     _require(raw, ("image", "Blond_Hair", "Male"), "celeba")
     keep = ["image", "Blond_Hair", "Male"] + (["celeb_id"] if "celeb_id" in raw["train"].column_names else [])
@@ -50,15 +50,15 @@ def load_celeba(path=None, **_) -> DatasetDict:
     )
 
 
-def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:
-    raw = _read("cifar10", "uoft-cs/cifar10", None, path)
+def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None, **_) -> DatasetDict:
+    raw = _read("cifar10", "uoft-cs/cifar10", None, path, revision=revision)
     raw = DatasetDict({k: v.rename_column("img", "image") if "img" in v.column_names else v for k, v in raw.items()})
     _require(raw, ("image", "label"), "cifar10")
     return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
 
 
-def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:
-    raw = _read("svhn", "ufldl-stanford/svhn", "cropped_digits", path)
+def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None, **_) -> DatasetDict:
+    raw = _read("svhn", "ufldl-stanford/svhn", "cropped_digits", path, revision=revision)
     raw = _rename_splits(raw, {"extra": None})
     _require(raw, ("image", "label"), "svhn")
     return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
@@ -156,23 +156,27 @@ def load_benchmark(
     remap_labels: bool = False,
     **kwargs,
 ) -> DatasetDict:
-    """Load a group-annotated benchmark, or a user dataset from a local path.
+    """Load a group-annotated benchmark, a local dataset, or any Hub dataset.
 
     Args:
         name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_mnist, biased_digits,
-            scene_digits, tinted_digits, spurious_text), or the path of a local dataset (`save_to_disk` folder of a DatasetDict, or a folder of
-            parquet files) with a label column and optionally an attribute column.
+            scene_digits, tinted_digits, spurious_text), the path of a local dataset (`save_to_disk` folder of a
+            DatasetDict, or a folder of parquet files), or a Hub dataset id (`owner/name`), each with a label column
+            and optionally an attribute column.
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
-        label_column, attribute_column: the columns of a local dataset (see `as_group_dataset`); string values
-            are encoded as class indices shared by every split.
-        remap_labels: renumber the integer labels of a local dataset that leave gaps (see `as_group_dataset`).
-        kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones).
+        label_column, attribute_column: the columns of a local or Hub dataset (see `as_group_dataset`); string
+            values are encoded as class indices shared by every split.
+        remap_labels: renumber the integer labels of a local or Hub dataset that leave gaps (see `as_group_dataset`).
+        kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones, `split="sagawa"` for multinli,
+            `revision` for a Hub benchmark). For a local or Hub dataset: `input_column` (see `as_group_dataset`),
+            and for a Hub dataset `config` and `revision`; others (`seed`, ...) are ignored.
 
     Returns:
         A `DatasetDict` in the hf_robust data model (`label`, `attribute`, `group`, `example_idx`).
     """
     if name in BENCHMARKS:
         return BENCHMARKS[name](path=path, **kwargs)
+    convert = dict(remap_labels=remap_labels, input_column=kwargs.get("input_column"))
     if Path(name).exists():
         local = Path(name)
         if (local / "state.json").exists() and not (local / "dataset_dict.json").exists():
@@ -185,10 +189,13 @@ def load_benchmark(
             raise DataValidationError(
                 f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
             )
-        return as_group_dataset(raw, label_column, attribute_column, remap_labels=remap_labels)
+        return as_group_dataset(raw, label_column, attribute_column, **convert)
+    if looks_like_hub_id(name):
+        raw = read_hub_dataset(name, config=kwargs.get("config"), revision=kwargs.get("revision"))
+        return as_group_dataset(raw, label_column, attribute_column, **convert)
     if os.sep in name or name.startswith("."):
         raise DataValidationError(f"{name}: no such file or directory (expected a local dataset folder).")
     raise DataValidationError(
-        f"Unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} or the path of a local dataset "
-        "(a save_to_disk folder or a folder of parquet files)."
+        f"Unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)}, the path of a local dataset "
+        "(a save_to_disk folder or a folder of parquet files), or a Hub dataset id (owner/name)."
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -110,3 +111,74 @@ def _validation_from_train(dataset: DatasetDict, fraction: float, seed: int) -> 
     return DatasetDict({"train": parts["train"], "validation": parts["test"], **{k: v for k, v in dataset.items() if k != "train"}})
 
 
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` (one slash, no leading `/` or `.`): a Hub dataset id rather than a local path."""
+    return bool(HUB_ID.match(name))
+
+
+def read_hub_dataset(repo_id: str, config: str | None = None, revision: str | None = None) -> DatasetDict:
+    """Any Hub dataset as a DatasetDict (`datasets.load_dataset`), or a clear error (offline, no such dataset)."""
+    try:
+        extra = {"revision": revision} if revision else {}
+        raw = load_dataset(repo_id, config, **extra) if config else load_dataset(repo_id, **extra)
+    except Exception as error:  # offline, no such dataset, a script-based dataset datasets >= 4 cannot run
+        raise DataValidationError(
+            f"{repo_id!r} is not a local folder, and loading it as a Hub dataset failed: {type(error).__name__}: "
+            f"{error}. Without network, save a copy (load_dataset({repo_id!r}).save_to_disk(<dir>)) and pass <dir>."
+        ) from error
+    if isinstance(raw, Dataset):
+        raise DataValidationError(f"{repo_id!r} loaded as one Dataset; expected a DatasetDict of splits.")
+    return raw
+
+
+# ----------------------------------------------------------------------------- where the data came from
+# datasets caches a Hub dataset under <cache>/<owner>___<name>/<config>/<version>/<commit sha>/ (the `hash` of the
+# builder is the repo's commit): the revision is read off the path of the dataset's (memory-mapped) files
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_revision(dataset: Dataset) -> dict | None:
+    """`{"repo": "owner/name", "revision": <commit sha>}` of a split loaded from the Hub (its cache files' path, so
+    offline too; a split derived from it by map/select/add_column keeps them), else None (a local copy, a
+    generated or in-memory dataset). When the path names the repo but no commit, the Hub's dataset info is asked
+    (online only)."""
+    for cache in getattr(dataset, "cache_files", None) or []:
+        parts = Path(cache.get("filename", "")).parts
+        for i, part in enumerate(parts):
+            if "___" not in part:
+                continue
+            repo = part.replace("___", "/", 1)
+            sha = next((p for p in parts[i + 1 :] if _SHA.match(p)), None)
+            if sha is None:
+                sha = _hub_sha(repo)
+            if sha is not None:
+                return {"repo": repo, "revision": sha}
+    return None
+
+
+def _hub_sha(repo: str) -> str | None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo).sha
+    except Exception:  # no network, no such repo: the fingerprint stands alone
+        return None
+
+
+def dataset_provenance(splits: dict[str, Dataset]) -> dict:
+    """What `results.json` and the card record of the data: `dataset_revision` (the Hub repo and commit, when the
+    data came from the Hub; else None) and `dataset_fingerprint` (each split's `datasets` fingerprint, which
+    changes with the data and with every transform applied to it)."""
+    splits = {name: split for name, split in splits.items() if isinstance(split, Dataset)}
+    revision = next((r for r in map(hub_revision, splits.values()) if r is not None), None)
+    return {"dataset_revision": revision,
+            "dataset_fingerprint": {name: getattr(split, "_fingerprint", None) for name, split in splits.items()}}
