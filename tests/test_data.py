@@ -609,3 +609,55 @@ def test_a_local_datasets_fingerprint_goes_into_results_and_the_card(tmp_path, t
     assert list(results)[list(results).index("dataset") + 1] == "dataset_revision"
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"datasets fingerprint `{ds['train']._fingerprint}`" in card
+
+
+# ----------------------------------------------------------------------------- the literature's image recipe
+def test_waterbirds_and_celeba_recipes_use_torchvision_resnet50_with_the_literatures_preprocessing(tmp_path, monkeypatch):
+    """A tiny ResNet-50 saved with `timm/resnet50.tv_in1k`'s timm config (no pretrained weights here), loaded the
+    way the recipe's model is (TimmWrapper from_pretrained), trained on a local Waterbirds copy with the recipe."""
+    import timm
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    from hf_robust import RobustConfig, RobustTrainer
+    from hf_robust.models.presets import load_model, timm_classifier
+    from hf_robust.recipes import recipe
+
+    for dataset in ("waterbirds", "celeba"):
+        settings = recipe("erm", dataset)
+        assert settings["model"] == "timm/resnet50.tv_in1k" and settings["train_augmentation"] == "crop_flip"
+    tv_cfg = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in timm.models.get_pretrained_cfg("resnet50.tv_in1k").to_dict().items()}
+    tiny = timm_classifier("resnet50", 2, {0: "landbird", 1: "waterbird"}, {"channels": [8, 8, 16, 16]}, tv_cfg)
+    tiny.save_pretrained(str(tmp_path / "resnet50_tv"))
+    model, processor = load_model(str(tmp_path / "resnet50_tv"), 2, ["landbird", "waterbird"])
+    assert processor is None and type(model).__name__ == "TimmWrapperForImageClassification"
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (200, 300, 3), dtype=np.uint8) for _ in range(8)]  # H 200, W 300
+    features = Features({"image": Image(), "label": Value("int64"), "place": Value("int64")})
+    split = {"image": images, "label": [0, 1] * 4, "place": [0, 0, 1, 1] * 2}
+    _write_parquet(tmp_path / "waterbirds", {"train": split, "validation": split}, features)
+    monkeypatch.setenv("HF_ROBUST_DATA", str(tmp_path))
+    data = load_benchmark("waterbirds")
+
+    settings = {k: v for k, v in recipe("erm", "waterbirds").items() if k != "model"}
+    settings.update(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4,
+                    per_device_eval_batch_size=4, use_cpu=True, save_strategy="no", save_plots=False)
+    trainer = RobustTrainer(model, RobustConfig(**settings), train_dataset=data["train"],
+                            eval_dataset={"validation": data["validation"]})
+    geometry = trainer.eval_collator.image_preprocessing
+    # resize the shorter side to 256, centre crop 224, ImageNet mean / std, bilinear
+    assert geometry.size == (224, 224) and geometry.resize_shortest_edge == 256
+    assert geometry.mean == (0.485, 0.456, 0.406) and geometry.std == (0.229, 0.224, 0.225)
+    assert geometry.interpolation == "bilinear"
+    assert trainer.train_collator.augmentation == "crop_flip" and trainer.eval_collator.augmentation == "none"
+    batch = trainer.eval_collator([data["validation"][i] for i in range(2)])
+    assert batch["pixel_values"].shape == (2, 3, 224, 224)
+    # the same pixels as torchvision's Resize(256) + CenterCrop(224) + Normalize (up to uint8 rounding)
+    reference = torch.stack([TF.center_crop(TF.resize(torch.from_numpy(images[i]).permute(2, 0, 1), [256],
+                                                      antialias=True), [224, 224]) for i in range(2)])
+    reference = TF.normalize(reference.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert (batch["pixel_values"] - reference).abs().max() <= 1.01 / 255 / 0.224
+    trainer.train()
+    assert 0.0 <= trainer.evaluate()["eval_validation_worst_group_accuracy"] <= 1.0

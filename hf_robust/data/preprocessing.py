@@ -148,7 +148,13 @@ class ImagePreprocessing:
 
 def augment_images(batch: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example random augmentation of a uint8 batch, vectorised: `flip` (horizontal flip with p=0.5) or
-    `crop_flip` (random resized crop, scale 0.7-1, aspect 3/4-4/3, then flip), as a batched affine resample."""
+    `crop_flip` (random resized crop, scale 0.7-1, aspect 3/4-4/3, then flip), as a batched affine resample.
+
+    `crop_flip` is group DRO's training augmentation (Sagawa et al., arXiv:1911.08731: torchvision's
+    RandomResizedCrop(224, scale=(0.7, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip) with one departure: the crop is
+    taken from the image after the deterministic resize / centre crop (so that per-example edits such as MaskTune's
+    masks act on the pixels the model sees), not from the original image; for CelebA group DRO also limits the
+    ratio to (1, 4/3)."""
     if mode == "none":
         return batch
     n = batch.shape[0]
