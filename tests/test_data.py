@@ -661,3 +661,40 @@ def test_waterbirds_and_celeba_recipes_use_torchvision_resnet50_with_the_literat
     assert (batch["pixel_values"] - reference).abs().max() <= 1.01 / 255 / 0.224
     trainer.train()
     assert 0.0 <= trainer.evaluate()["eval_validation_worst_group_accuracy"] <= 1.0
+
+
+@pytest.mark.distributed
+def test_overlapping_groups_under_two_processes_are_the_one_process_result(tmp_path, digits):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import LAUNCH_TWO_PROCESSES
+
+    script = Path(__file__).parent / "scripts" / "overlapping_distributed.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = {}
+    for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
+        result = subprocess.run(prefix + [str(script), str(tmp_path / f"{world}.json"), str(tmp_path / world)],
+                                env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        out[world] = json.loads((tmp_path / f"{world}.json").read_text())
+    assert (out["one"]["world_size"], out["two"]["world_size"]) == (1, 2)
+    one, two = out["one"]["metrics"], out["two"]["metrics"]
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        if key.endswith("_loss"):
+            assert two[key] == pytest.approx(value, rel=1e-6)
+        elif not key.endswith(("_runtime", "_per_second", "_time")):
+            assert two[key] == pytest.approx(value, rel=1e-9), key
+    # and they are the overlapping counts: every example once in each of its groups, group 5 empty
+    memberships = out["one"]["memberships"]
+    predictions, labels = np.asarray(out["one"]["predictions"]), np.asarray(out["one"]["labels"])
+    assert out["two"]["predictions"] == out["one"]["predictions"]
+    for g in range(5):
+        idx = [i for i, m in enumerate(memberships) if g in m]
+        assert two[f"eval_validation_group_{g}_count"] == len(idx)
+        assert two[f"eval_validation_group_{g}_accuracy"] == pytest.approx(np.mean(predictions[idx] == labels[idx]))
+    assert "eval_validation_group_5_accuracy" not in two and "eval_validation_expected_calibration_error" in two
