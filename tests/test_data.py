@@ -698,3 +698,28 @@ def test_overlapping_groups_under_two_processes_are_the_one_process_result(tmp_p
         assert two[f"eval_validation_group_{g}_count"] == len(idx)
         assert two[f"eval_validation_group_{g}_accuracy"] == pytest.approx(np.mean(predictions[idx] == labels[idx]))
     assert "eval_validation_group_5_accuracy" not in two and "eval_validation_expected_calibration_error" in two
+
+
+def test_a_hub_benchmark_keeps_its_revision_through_the_loader(tmp_path, monkeypatch):
+    """CivilComments read "from the Hub" (load_dataset returning data cached where datasets caches a Hub repo at a
+    commit): every split the loader returns still names the repo and the commit."""
+    import datasets
+
+    import hf_robust.data.hub as hub
+    from hf_robust.data.hub import dataset_provenance
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    source = tmp_path / "raw.parquet"
+    Dataset.from_dict(_civil_raw()).to_parquet(str(source))
+    cache = tmp_path / "cache" / "pietrolesci___civilcomments-wilds" / "raw" / "0.0.0" / sha
+
+    def from_the_hub(repo_id, config=None, **kwargs):
+        assert (repo_id, config) == ("pietrolesci/civilcomments-wilds", "raw")
+        return datasets.load_dataset("parquet", data_files={"train": str(source)}, cache_dir=str(cache))
+
+    monkeypatch.setattr(hub, "load_dataset", from_the_hub)
+    monkeypatch.delenv("HF_ROBUST_DATA", raising=False)
+    ds = load_benchmark("civilcomments")
+    record = dataset_provenance(dict(ds))
+    assert record["dataset_revision"] == {"repo": "pietrolesci/civilcomments-wilds", "revision": sha}
+    assert set(record["dataset_fingerprint"]) == {"train", "validation", "test"}

@@ -10,11 +10,13 @@ from .core import (
     validate_group_dataset,
 )
 from .biased_mnist import make_biased_mnist
+from .overlapping import add_overlapping_groups
 from .embedded import make_biased_digits, make_spurious_text
 
 __all__ = [
     "BENCHMARKS",
     "DataValidationError",
+    "add_overlapping_groups",
     "as_group_dataset",
     "group_names",
     "has_negation",
