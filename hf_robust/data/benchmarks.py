@@ -21,7 +21,15 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from .core import DataValidationError, as_group_dataset
 from .embedded import make_biased_digits, make_spurious_text
-from .hub import _load_local, _read, _rename_splits, _require, _validation_from_train, looks_like_hub_id, read_hub_dataset
+from .hub import (
+    _load_local,
+    _read,
+    _rename_splits,
+    _require,
+    _validation_from_train,
+    looks_like_hub_id,
+    read_hub_dataset,
+)
 from .text_benchmarks import (  # noqa: F401 (their public names, importable from here as before)
     CIVIL_IDENTITIES,
     NEGATION_WORDS,
@@ -50,14 +58,16 @@ def load_celeba(path=None, revision: str | None = None, **_) -> DatasetDict:
     )
 
 
-def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None, **_) -> DatasetDict:
+def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None,
+                 **_) -> DatasetDict:
     raw = _read("cifar10", "uoft-cs/cifar10", None, path, revision=revision)
     raw = DatasetDict({k: v.rename_column("img", "image") if "img" in v.column_names else v for k, v in raw.items()})
     _require(raw, ("image", "label"), "cifar10")
     return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
 
 
-def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None, **_) -> DatasetDict:
+def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None,
+              **_) -> DatasetDict:
     raw = _read("svhn", "ufldl-stanford/svhn", "cropped_digits", path, revision=revision)
     raw = _rename_splits(raw, {"extra": None})
     _require(raw, ("image", "label"), "svhn")
@@ -159,10 +169,10 @@ def load_benchmark(
     """Load a group-annotated benchmark, a local dataset, or any Hub dataset.
 
     Args:
-        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_mnist, biased_digits,
-            scene_digits, tinted_digits, spurious_text), the path of a local dataset (`save_to_disk` folder of a
-            DatasetDict, or a folder of parquet files), or a Hub dataset id (`owner/name`), each with a label column
-            and optionally an attribute column.
+        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_mnist,
+            biased_digits, scene_digits, tinted_digits, spurious_text), the path of a local dataset (`save_to_disk`
+            folder of a DatasetDict, or a folder of parquet files), or a Hub dataset id (`owner/name`), each with a
+            label column and optionally an attribute column.
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
         label_column, attribute_column: the columns of a local or Hub dataset (see `as_group_dataset`); string
             values are encoded as class indices shared by every split.

@@ -115,7 +115,8 @@ def _multinli_sagawa(raw: DatasetDict, seed: int, metadata_path) -> DatasetDict:
         n_val, n_test = int(0.2 * n), int(0.3 * n)
         codes = np.asarray([0] * (n - n_val - n_test) + [1] * n_val + [2] * n_test, dtype=np.int64)
         codes = np.random.default_rng(seed).permutation(codes)
-    pooled = pooled.remove_columns("label").add_column("label", labels.tolist()).add_column("negation", negation.tolist())
+    pooled = pooled.remove_columns("label").add_column("label", labels.tolist())
+    pooled = pooled.add_column("negation", negation.tolist())
     splits = DatasetDict({name: pooled.select(np.flatnonzero(codes == code))
                           for code, name in enumerate(("train", "validation", "test"))})
     return as_group_dataset(splits, "label", "negation", label_names=list(MULTINLI_SAGAWA_LABELS),
@@ -149,7 +150,8 @@ def _sagawa_metadata(metadata_path, labels: np.ndarray, negation: np.ndarray) ->
     wrong = np.flatnonzero(gold != labels)
     if wrong.size:
         raise DataValidationError(
-            f"multinli: {path} disagrees with the copy's labels on {wrong.size} rows (first rows {wrong[:5].tolist()}): "
+            f"multinli: {path} disagrees with the copy's labels on {wrong.size} rows (first rows "
+            f"{wrong[:5].tolist()}): "
             "it describes other pairs, or another order, than train + validation_matched + validation_mismatched."
         )
     codes = meta["split"].to_numpy().astype(np.int64)

@@ -61,7 +61,8 @@ def build_model_card(
     splits = results.get("splits", {})
     revision = (results.get("dataset_revision") or {}).get("revision")
     fingerprint = (results.get("dataset_fingerprint") or {}).get("train")
-    source = f" (Hub revision `{revision}`)" if revision else f" (datasets fingerprint `{fingerprint}`)" if fingerprint else ""
+    source = f" (Hub revision `{revision}`)" if revision else ""
+    source = source or (f" (datasets fingerprint `{fingerprint}`)" if fingerprint else "")
     eval_results = []
     for split, report in splits.items():
         for metric in ("worst_group_accuracy", "accuracy", "mean_group_accuracy"):

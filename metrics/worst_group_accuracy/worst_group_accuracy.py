@@ -82,7 +82,7 @@ def _group_lists(groups, n: int) -> tuple[list[list[int]], int | None]:
     if _is_2d_array(groups):
         matrix = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups)
         if matrix.shape[0] != n:
-            raise ValueError(f"groups is a {matrix.shape} membership matrix for {n} predictions: expected one row each.")
+            raise ValueError(f"groups is a {matrix.shape} membership matrix for {n} predictions: one row each.")
         if matrix.size and not np.isin(matrix, (0, 1)).all():
             raise ValueError(
                 "groups is a 2-D array, read as a multi-hot membership matrix, but it holds values other than 0 and 1 "
@@ -117,7 +117,9 @@ def _confidences(probabilities, predictions, n: int) -> list[float]:
     """The max-probability confidence of each example (NaN when no probabilities are given)."""
     if probabilities is None:
         return [float("nan")] * n
-    probs = np.asarray(probabilities.detach().cpu() if hasattr(probabilities, "detach") else probabilities, dtype=np.float64)
+    if hasattr(probabilities, "detach"):
+        probabilities = probabilities.detach().cpu()
+    probs = np.asarray(probabilities, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[0] != n:
         raise ValueError(f"probabilities has shape {probs.shape}: expected (num_examples={n}, num_classes).")
     sums = probs.sum(axis=1)
