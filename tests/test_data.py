@@ -612,7 +612,8 @@ def test_a_local_datasets_fingerprint_goes_into_results_and_the_card(tmp_path, t
 
 
 # ----------------------------------------------------------------------------- the literature's image recipe
-def test_waterbirds_and_celeba_recipes_use_torchvision_resnet50_with_the_literatures_preprocessing(tmp_path, monkeypatch):
+def test_waterbirds_and_celeba_recipes_use_torchvision_resnet50_with_the_literatures_preprocessing(tmp_path, monkeypatch,
+                                                                                                   repo_metric):
     """A tiny ResNet-50 saved with `timm/resnet50.tv_in1k`'s timm config (no pretrained weights here), loaded the
     way the recipe's model is (TimmWrapper from_pretrained), trained on a local Waterbirds copy with the recipe."""
     import timm
