@@ -21,7 +21,8 @@ Usage:
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py
 
 Datasets: a benchmark name (biased_digits, biased_mnist, scene_digits, tinted_digits, spurious_text, waterbirds, celeba, multinli, civilcomments,
-cifar10, svhn) or the path of a local dataset; `--dataset_path` points a Hub benchmark at a local copy.
+cifar10, svhn), the path of a local dataset or a Hub dataset id (owner/name, with --label_column / --attribute_column;
+--dataset_kwargs '{"config": ..., "revision": ...}'); `--dataset_path` points a Hub benchmark at a local copy.
 Models: a preset (digits-resnet18, mnist-cnn, minilm), a transformers model id or folder, `timm/<name>` or a timm
 architecture name. Every run writes the model, results.json, plots/ and a model card README.md into
 --output_dir; `--push_to_hub --hub_model_id <id>` then uploads them.
@@ -61,7 +62,7 @@ class ScriptArguments:
         default=None, metadata={"help": "More arguments of the benchmark's loader, as JSON (e.g. '{\"num_squares\": 2}' "
                                         "for biased_mnist's two squares)."}
     )
-    label_column: str = field(default="label", metadata={"help": "Label column of a local dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a local or Hub dataset."})
     attribute_column: str = field(
         default="attribute", metadata={"help": "Spurious-attribute column of a local dataset (absent: no groups)."}
     )
@@ -243,9 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_warning()
     trainer_class = METHODS[script_args.method].trainer_class()
     try:
-        if os.path.exists(script_args.dataset) and script_args.dataset not in BENCHMARK_NAMES:
+        if script_args.dataset not in BENCHMARK_NAMES:  # a local folder or a Hub dataset id
             data = load_benchmark(script_args.dataset, label_column=script_args.label_column,
-                                  attribute_column=script_args.attribute_column, remap_labels=script_args.remap_labels)
+                                  attribute_column=script_args.attribute_column, remap_labels=script_args.remap_labels,
+                                  **_dataset_kwargs(script_args.dataset_kwargs))
         else:
             extra = _dataset_kwargs(script_args.dataset_kwargs)
             data = load_benchmark(script_args.dataset, path=script_args.dataset_path, seed=script_args.dataset_seed,

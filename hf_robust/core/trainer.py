@@ -31,7 +31,7 @@ from ..models.adapter import EXAMPLE_IDX_FLAG, get_adapter, unwrap_model
 from ..models.timm_wrap import maybe_wrap_timm
 from .checkpoints import RunSetupError
 from .config import RobustConfig
-from .evaluation import group_metrics, split_report
+from .evaluation import EVALUATION_KEYS, evaluation_meta, group_metrics, split_report
 from .per_example import PerExamplePass
 from .report import HubPushError, RunReport
 from .run_folder import hold_output_dir, is_disk_full, release_output_dir, swap_in, unwritable_output_dir
@@ -219,7 +219,7 @@ class RobustTrainer(StageEngine, HealthAndSelection, PerExamplePass, RunReport, 
     def model_inputs(self, inputs: dict) -> dict:
         """The batch minus hf_robust's bookkeeping columns (`example_idx` stays for models that use it)."""
         uses_idx = getattr(unwrap_model(self.model), EXAMPLE_IDX_FLAG, False)
-        return {k: v for k, v in inputs.items() if k != "group" and (uses_idx or k != "example_idx")}
+        return {k: v for k, v in inputs.items() if k not in EVALUATION_KEYS and (uses_idx or k != "example_idx")}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**self.model_inputs(inputs))
@@ -228,7 +228,7 @@ class RobustTrainer(StageEngine, HealthAndSelection, PerExamplePass, RunReport, 
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        meta = (inputs["labels"], inputs["group"], inputs["example_idx"])
+        meta = evaluation_meta(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**self.model_inputs(inputs))
         loss = outputs["loss"].detach() if outputs.get("loss") is not None else None

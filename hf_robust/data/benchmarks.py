@@ -11,129 +11,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 
 from .core import DataValidationError, as_group_dataset
 from .embedded import make_biased_digits, make_spurious_text
+from .hub import (
+    _load_local,
+    _read,
+    _rename_splits,
+    _require,
+    _validation_from_train,
+    looks_like_hub_id,
+    read_hub_dataset,
+)
+from .text_benchmarks import (  # noqa: F401 (their public names, importable from here as before)
+    CIVIL_IDENTITIES,
+    NEGATION_WORDS,
+    has_negation,
+    load_civilcomments,
+    load_multinli,
+    sagawa_has_negation,
+)
 
-NEGATION_WORDS = frozenset({"nobody", "no", "never", "nothing"})
-CIVIL_IDENTITIES = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
-_CIVIL_AGGREGATES = {
-    "LGBTQ": ("homosexual_gay_or_lesbian", "bisexual", "other_sexual_orientation", "transgender", "other_gender"),
-    "other_religions": ("jewish", "hindu", "buddhist", "atheist", "other_religion"),
-}
-
-
-def _local_source(name: str, path: str | os.PathLike | None, aliases: tuple[str, ...] = ()) -> Path | None:
-    """`path`, else `$HF_ROBUST_DATA/<name>` (or `/<alias>`: the Hub dataset's own name, e.g. `mnist` for
-    `biased_mnist`, which is built from it), else None."""
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise DataValidationError(f"path={str(path)!r} for benchmark {name!r} does not exist.")
-        return path
-    root = os.environ.get("HF_ROBUST_DATA")
-    for folder in (name, *aliases):
-        if root and (Path(root) / folder).exists():
-            return Path(root) / folder
-    return None
-
-
-def _read(name: str, hub_id: str, config: str | None, path, aliases: tuple[str, ...] = ()) -> DatasetDict:
-    """The raw DatasetDict from a local copy if there is one, else from the Hub."""
-    local = _local_source(name, path, aliases)
-    if local is None:
-        try:
-            return load_dataset(hub_id, config) if config else load_dataset(hub_id)
-        except Exception as error:  # offline, or no such dataset: say where a local copy can go
-            raise DataValidationError(
-                f"Could not load benchmark {name!r} from the Hub ({hub_id}"
-                f"{', config ' + config if config else ''}): {type(error).__name__}: {error}. Without network, "
-                f"save a copy with the same layout and pass path=<dir> (or --dataset <dir>), or set "
-                f"HF_ROBUST_DATA=<root> with the copy in <root>/{(*aliases, name)[0]}."
-            ) from error
-    if config and (local / config).is_dir() and not (local / "dataset_dict.json").exists():
-        local = local / config
-    return _load_local(local)
-
-
-def _empty_parts(local: Path) -> list[str]:
-    """The splits (save_to_disk) or parquet files of a local dataset that hold no rows: `datasets` cannot load
-    them (IndexError / "corresponds to no data")."""
-    empty = []
-    if (local / "dataset_dict.json").exists():
-        for split in json.loads((local / "dataset_dict.json").read_text()).get("splits", []):
-            state = local / split / "state.json"
-            if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
-                empty.append(f"split {split!r}")
-        return empty
-    import pyarrow.parquet as pq
-
-    for file in sorted(local.rglob("*.parquet")):
-        try:
-            if pq.ParquetFile(file).metadata.num_rows == 0:
-                empty.append(str(file.relative_to(local)))
-        except Exception:  # not a parquet file datasets could read either: its own error says so
-            continue
-    return empty
-
-
-def _load_local(local: Path) -> DatasetDict | Dataset:
-    empty = _empty_parts(local)
-    if empty:
-        raise DataValidationError(
-            f"The local dataset {local} has empty splits ({', '.join(empty)}: 0 rows), which `datasets` cannot "
-            "load. Remove them, or give them examples."
-        )
-    try:
-        return load_from_disk(str(local)) if (local / "dataset_dict.json").exists() else load_dataset(str(local))
-    except (IndexError, ValueError) as error:
-        raise DataValidationError(
-            f"`datasets` could not read the local dataset {local}: {type(error).__name__}: {error}. Expected a "
-            "save_to_disk folder of a DatasetDict, or a folder of parquet files named by split, every split with "
-            "examples."
-        ) from error
-
-
-def _rename_splits(dataset: DatasetDict, mapping: dict[str, str]) -> DatasetDict:
-    return DatasetDict({mapping.get(k, k): v for k, v in dataset.items() if mapping.get(k, k) is not None})
-
-
-def _require(dataset: DatasetDict, columns: tuple[str, ...], name: str) -> None:
-    for split, data in dataset.items():
-        missing = [c for c in columns if c not in data.column_names]
-        if missing:
-            raise DataValidationError(
-                f"Benchmark {name!r}, split {split!r}: columns {missing} are missing (found {data.column_names}); "
-                f"expected the Hub layout with {list(columns)}."
-            )
-
-
-def _validation_from_train(dataset: DatasetDict, fraction: float, seed: int) -> DatasetDict:
-    """A seeded held-out part of train as `validation`, for datasets that ship only train/test."""
-    if "validation" in dataset:
-        return dataset
-    parts = dataset["train"].train_test_split(test_size=fraction, seed=seed)
-    return DatasetDict({"train": parts["train"], "validation": parts["test"], **{k: v for k, v in dataset.items() if k != "train"}})
-
-
-def load_waterbirds(path=None, **_) -> DatasetDict:
-    raw = _read("waterbirds", "grodino/waterbirds", None, path)
+def load_waterbirds(path=None, revision: str | None = None, **_) -> DatasetDict:
+    raw = _read("waterbirds", "grodino/waterbirds", None, path, revision=revision)
     _require(raw, ("image", "label", "place"), "waterbirds")
     return as_group_dataset(
         raw, "label", "place", label_names=["landbird", "waterbird"], attribute_names=["land", "water"]
     )
 
 
-def load_celeba(path=None, **_) -> DatasetDict:
-    raw = _read("celeba", "flwrlabs/celeba", "img_align+identity+attr", path)
+def load_celeba(path=None, revision: str | None = None, **_) -> DatasetDict:
+    raw = _read("celeba", "flwrlabs/celeba", "img_align+identity+attr", path, revision=revision)
     raw = _rename_splits(raw, {"valid": "validation"})
     _require(raw, ("image", "Blond_Hair", "Male"), "celeba")
     keep = ["image", "Blond_Hair", "Male"] + (["celeb_id"] if "celeb_id" in raw["train"].column_names else [])
@@ -143,76 +58,17 @@ def load_celeba(path=None, **_) -> DatasetDict:
     )
 
 
-def has_negation(hypothesis: str) -> bool:
-    """MultiNLI's spurious attribute (Gururangan et al. 2018; Sagawa et al. 2020): a negation word."""
-    return any(word in NEGATION_WORDS for word in re.sub(r"[^\w\s]", " ", hypothesis.lower()).split())
-
-
-def load_multinli(path=None, **_) -> DatasetDict:
-    """MultiNLI with the negation attribute. Splits: train, validation (= validation_matched) and test
-    (= validation_mismatched; the official test labels are not public)."""
-    raw = _read("multinli", "nyu-mll/multi_nli", None, path)
-    raw = _rename_splits(raw, {"validation_matched": "validation", "validation_mismatched": "test"})
-    _require(raw, ("premise", "hypothesis", "label"), "multinli")
-    raw = raw.select_columns(["premise", "hypothesis", "label"])
-    raw = raw.filter(lambda batch: [y >= 0 for y in batch["label"]], batched=True)
-    raw = raw.map(
-        lambda batch: {"negation": [int(has_negation(h)) for h in batch["hypothesis"]]}, batched=True
-    )
-    return as_group_dataset(
-        raw, "label", "negation", label_names=["entailment", "neutral", "contradiction"],
-        attribute_names=["no negation", "negation"],
-    )
-
-
-def _civil_columns(batch: dict, text_column: str) -> dict:
-    out = {"text": batch[text_column]}
-    toxicity = np.asarray(batch["toxicity"], dtype=np.float64)
-    out["toxic"] = (toxicity >= 0.5).astype(np.int64).tolist()
-    any_identity = np.zeros(len(toxicity), dtype=bool)
-    for identity in CIVIL_IDENTITIES:
-        if identity in batch:
-            values = np.asarray(batch[identity], dtype=np.float64) >= 0.5
-        else:
-            values = np.zeros(len(toxicity), dtype=bool)
-            for member in _CIVIL_AGGREGATES[identity]:
-                values |= np.nan_to_num(np.asarray(batch[member], dtype=np.float64)) >= 0.5
-        out[f"identity_{identity}"] = values.astype(np.int64).tolist()
-        any_identity |= values
-    out["identity_any"] = any_identity.astype(np.int64).tolist()
-    return out
-
-
-def load_civilcomments(path=None, **_) -> DatasetDict:
-    """CivilComments-WILDS: label = toxicity >= 0.5, attribute = any of WILDS' 8 coarse identities
-    (male, female, LGBTQ, christian, muslim, other_religions, black, white; each >= 0.5) is mentioned.
-    The 8 binary identity columns are kept (`identity_<name>`) for WILDS' overlapping 16-group report."""
-    raw = _read("civilcomments", "pietrolesci/civilcomments-wilds", None, path)
-    columns = raw[next(iter(raw))].column_names
-    text_column = "text" if "text" in columns else "comment_text"
-    needed = [text_column, "toxicity"]
-    for identity in CIVIL_IDENTITIES:
-        needed.extend([identity] if identity in columns else _CIVIL_AGGREGATES.get(identity, (identity,)))
-    _require(raw, tuple(needed), "civilcomments")
-    raw = raw.map(
-        _civil_columns, batched=True, fn_kwargs={"text_column": text_column},
-        remove_columns=columns,
-    )
-    return as_group_dataset(
-        raw, "toxic", "identity_any", label_names=["non-toxic", "toxic"],
-        attribute_names=["no identity", "identity"],
-    )
-
-
-def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:
-    raw = _read("cifar10", "uoft-cs/cifar10", None, path)
+def load_cifar10(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None,
+                 **_) -> DatasetDict:
+    raw = _read("cifar10", "uoft-cs/cifar10", None, path, revision=revision)
     raw = DatasetDict({k: v.rename_column("img", "image") if "img" in v.column_names else v for k, v in raw.items()})
     _require(raw, ("image", "label"), "cifar10")
     return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
 
 
-def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, **_) -> DatasetDict:
-    raw = _read("svhn", "ufldl-stanford/svhn", "cropped_digits", path)
+def load_svhn(path=None, seed: int = 0, validation_fraction: float = 0.1, revision: str | None = None,
+              **_) -> DatasetDict:
+    raw = _read("svhn", "ufldl-stanford/svhn", "cropped_digits", path, revision=revision)
     raw = _rename_splits(raw, {"extra": None})
     _require(raw, ("image", "label"), "svhn")
     return as_group_dataset(_validation_from_train(raw, validation_fraction, seed), "label", None)
@@ -310,23 +166,27 @@ def load_benchmark(
     remap_labels: bool = False,
     **kwargs,
 ) -> DatasetDict:
-    """Load a group-annotated benchmark, or a user dataset from a local path.
+    """Load a group-annotated benchmark, a local dataset, or any Hub dataset.
 
     Args:
-        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_mnist, biased_digits,
-            scene_digits, tinted_digits, spurious_text), or the path of a local dataset (`save_to_disk` folder of a DatasetDict, or a folder of
-            parquet files) with a label column and optionally an attribute column.
+        name: one of `BENCHMARKS` (waterbirds, celeba, multinli, civilcomments, cifar10, svhn, biased_mnist,
+            biased_digits, scene_digits, tinted_digits, spurious_text), the path of a local dataset (`save_to_disk`
+            folder of a DatasetDict, or a folder of parquet files), or a Hub dataset id (`owner/name`), each with a
+            label column and optionally an attribute column.
         path: a local copy of the benchmark `name` in its Hub layout (overrides `HF_ROBUST_DATA`).
-        label_column, attribute_column: the columns of a local dataset (see `as_group_dataset`); string values
-            are encoded as class indices shared by every split.
-        remap_labels: renumber the integer labels of a local dataset that leave gaps (see `as_group_dataset`).
-        kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones).
+        label_column, attribute_column: the columns of a local or Hub dataset (see `as_group_dataset`); string
+            values are encoded as class indices shared by every split.
+        remap_labels: renumber the integer labels of a local or Hub dataset that leave gaps (see `as_group_dataset`).
+        kwargs: passed to the benchmark's loader (e.g. `seed` for the embedded ones, `split="sagawa"` for multinli,
+            `revision` for a Hub benchmark). For a local or Hub dataset: `input_column` (see `as_group_dataset`),
+            and for a Hub dataset `config` and `revision`; others (`seed`, ...) are ignored.
 
     Returns:
         A `DatasetDict` in the hf_robust data model (`label`, `attribute`, `group`, `example_idx`).
     """
     if name in BENCHMARKS:
         return BENCHMARKS[name](path=path, **kwargs)
+    convert = dict(remap_labels=remap_labels, input_column=kwargs.get("input_column"))
     if Path(name).exists():
         local = Path(name)
         if (local / "state.json").exists() and not (local / "dataset_dict.json").exists():
@@ -339,10 +199,13 @@ def load_benchmark(
             raise DataValidationError(
                 f"{name} holds a single Dataset; expected a DatasetDict with train and evaluation splits."
             )
-        return as_group_dataset(raw, label_column, attribute_column, remap_labels=remap_labels)
+        return as_group_dataset(raw, label_column, attribute_column, **convert)
+    if looks_like_hub_id(name):
+        raw = read_hub_dataset(name, config=kwargs.get("config"), revision=kwargs.get("revision"))
+        return as_group_dataset(raw, label_column, attribute_column, **convert)
     if os.sep in name or name.startswith("."):
         raise DataValidationError(f"{name}: no such file or directory (expected a local dataset folder).")
     raise DataValidationError(
-        f"Unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} or the path of a local dataset "
-        "(a save_to_disk folder or a folder of parquet files)."
+        f"Unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)}, the path of a local dataset "
+        "(a save_to_disk folder or a folder of parquet files), or a Hub dataset id (owner/name)."
     )

@@ -1,4 +1,5 @@
-"""Batches for the Trainer: images and text in, model inputs plus `labels`, `group`, `example_idx` out.
+"""Batches for the Trainer: images and text in, model inputs plus `labels`, `group`, `example_idx` out (and the
+padded `overlapping_groups` ids of a split that has overlapping evaluation groups, `hf_robust.data.overlapping`).
 
 Image geometry and normalisation come from the model's own image processor or timm data config (size,
 resize/crop rule, mean, std, interpolation), never from constants written here. Images go through three
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .overlapping import OVERLAPPING_GROUPS, padded_group_ids
 
 ExampleTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -145,7 +148,13 @@ class ImagePreprocessing:
 
 def augment_images(batch: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example random augmentation of a uint8 batch, vectorised: `flip` (horizontal flip with p=0.5) or
-    `crop_flip` (random resized crop, scale 0.7-1, aspect 3/4-4/3, then flip), as a batched affine resample."""
+    `crop_flip` (random resized crop, scale 0.7-1, aspect 3/4-4/3, then flip), as a batched affine resample.
+
+    `crop_flip` is group DRO's training augmentation (Sagawa et al., arXiv:1911.08731: torchvision's
+    RandomResizedCrop(224, scale=(0.7, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip) with one departure: the crop is
+    taken from the image after the deterministic resize / centre crop (so that per-example edits such as MaskTune's
+    masks act on the pixels the model sees), not from the original image; for CelebA group DRO also limits the
+    ratio to (1, 4/3)."""
     if mode == "none":
         return batch
     n = batch.shape[0]
@@ -232,6 +241,8 @@ class GroupDataCollator:
             "group": torch.tensor([row.get("group", -1) for row in rows], dtype=torch.long),
             "example_idx": example_idx,
         }
+        if rows and OVERLAPPING_GROUPS in rows[0]:
+            batch[OVERLAPPING_GROUPS] = padded_group_ids(rows)
         if self.input_kind == "image":
             pixels = self.image_preprocessing.to_uint8([row["image"] for row in rows])
             if self.example_transform is not None:

@@ -117,6 +117,10 @@ def build_model_card(
     # a Hub link only for what can be on the Hub: not a local folder, not a preset built by hf_robust
     hub_base_model = base_model if base_model and base_model not in PRESETS and not Path(base_model).exists() else None
     splits = results.get("splits", {})
+    revision = (results.get("dataset_revision") or {}).get("revision")
+    fingerprint = (results.get("dataset_fingerprint") or {}).get("train")
+    source = f" (Hub revision `{revision}`)" if revision else ""
+    source = source or (f" (datasets fingerprint `{fingerprint}`)" if fingerprint else "")
     eval_results = []
     for split, report in splits.items():
         for metric in ("worst_group_accuracy", "accuracy", "mean_group_accuracy"):
@@ -129,6 +133,7 @@ def build_model_card(
                     dataset_type=dataset_name,
                     dataset_name=dataset_name,
                     dataset_split=split,
+                    dataset_revision=revision,
                     metric_type=metric,
                     metric_name=metric.replace("_", " ").capitalize(),
                     metric_value=round(float(value), 4),
@@ -155,7 +160,7 @@ def build_model_card(
         model_name=model_name,
         base_model=base_model,
         base_model_url=f"https://huggingface.co/{hub_base_model}" if hub_base_model else None,
-        dataset_name=dataset_name,
+        dataset_name=dataset_name + source,
         method_name=method_name,
         method_summary=method_summary,
         paper_title=(paper or {}).get("title"),
