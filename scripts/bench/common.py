@@ -34,3 +34,22 @@ def interleaved(functions: dict, repeats: int, warmup: int = 0) -> tuple[dict, d
             results[name] = fn()
             times[name].append(time.perf_counter() - start)
     return results, times
+
+
+def inference_summary(results: dict) -> dict | None:
+    """The run's group inference (`results["group_inference"]`), without its shown examples: per rule, the size of
+    the inferred minority and, where the true groups are known, its precision and recall per group."""
+    report = results.get("group_inference")
+    if not report:
+        return None
+    summary = {}
+    for rule, entry in report.items():
+        if not isinstance(entry, dict) or "per_group" not in entry:
+            summary[rule] = entry if not isinstance(entry, dict) else {k: entry[k] for k in ("status", "reason")
+                                                                          if k in entry}
+            continue
+        summary[rule] = {"split": entry.get("split"), "size": entry.get("size"),
+                         "examples_scored": entry.get("examples_scored"),
+                         "per_group": {group: {"precision": v.get("precision"), "recall": v.get("recall")}
+                                       for group, v in (entry.get("per_group") or {}).items()}}
+    return summary

@@ -70,6 +70,10 @@ ROWS = {  # row -> (method, extra flags of scripts/train.py)
     "dfr": ("dfr", []),
     "fairdropout": ("fairdropout", []),
     "fairdropout_dfr": ("fairdropout_dfr", []),
+    # the baselines (GroupDRO and SUBG use the training groups; JTT does not)
+    "group_dro": ("group_dro", []),
+    "jtt": ("jtt", []),
+    "subg": ("subg", []),
 }
 
 # rows read off a stage of another row's runs (the same model, trained once): asked-for row -> (row whose runs hold
@@ -184,6 +188,10 @@ def run_row(row: str, seeds: list[int], recipe: list[str], data_path: str | None
         entry["selective"] = [run["selective"] for run in runs]
     if "health" in runs[0]:
         entry["health"] = [run["health"] for run in runs]
+    if "group_inference" in runs[0]:  # the inferred minority of each seed's ERM stage, per rule
+        from bench.common import inference_summary
+
+        entry["group_inference"] = [inference_summary(run) for run in runs]
     if "selection" in runs[0]:  # the knobs each seed's label-free selection chose
         entry["selection"] = [{"chosen_knobs": run["selection"]["chosen_knobs"],
                                "method_helped": run["selection"]["method_helped"]} for run in runs]
@@ -200,7 +208,7 @@ def merge_entries(first: dict, second: dict) -> dict:
         if isinstance(value, dict) and "per_seed" in value and isinstance(second.get(key), dict):
             values = value["per_seed"] + second[key]["per_seed"]
             merged[key] = _stats(values) if "std" in value else {"mean": statistics.mean(values), "per_seed": values}
-    for key in ("selective", "health", "selection"):
+    for key in ("selective", "health", "selection", "group_inference"):
         if key in first and key in second:
             merged[key] = first[key] + second[key]
     return merged

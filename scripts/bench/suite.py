@@ -17,10 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import train_script
+from bench.common import inference_summary, train_script
 
 SUITE = ("biased_digits", "scene_digits", "tinted_digits")
-SUITE_METHODS = ("erm", "masktune", "gradtune", "dfr", "fairdropout", "fairdropout_dfr", "counterfactual")
+SUITE_METHODS = ("erm", "masktune", "gradtune", "dfr", "fairdropout", "fairdropout_dfr", "counterfactual",
+                 "group_dro", "jtt", "subg")
+# methods compared with plain ERM (same seed and recipe) rather than a stage of their own run: no ERM stage
+# (FairDropout, GroupDRO, SUBG), or one that is not the ERM model (JTT's short identification stage)
+PLAIN_ERM_REFERENCE = ("fairdropout", "group_dro", "jtt", "subg")
 
 
 def _test_split(results: dict) -> str:
@@ -44,9 +48,9 @@ def _record(method: str, results: dict, erm: dict | None, seconds: float, erm_re
     # FairDropout model whose last layer FairDropout-DFR retrains
     stages = results.get("stages", {})
     reference = (stages.get("ERM") or stages.get("Vanilla FT") or stages.get("FairDropout") or {}).get(split)
-    if method == "fairdropout" and erm is not None:  # no ERM stage: plain ERM with the same seed and recipe
+    if method in PLAIN_ERM_REFERENCE and erm is not None:  # plain ERM with the same seed and recipe
         reference = erm["splits"][split]
-    elif method == "fairdropout" and erm_record is not None:  # that ERM run, recorded earlier in the results file
+    elif method in PLAIN_ERM_REFERENCE and erm_record is not None:  # that ERM run, recorded earlier in the results file
         reference = {"worst_group_accuracy": erm_record["test_worst_group"]}
     if method == "erm":
         reference = results["splits"][split]
@@ -62,6 +66,7 @@ def _record(method: str, results: dict, erm: dict | None, seconds: float, erm_re
         "validation_worst_class": (health.get("method") or {}).get("worst_class_accuracy"),
         "reference_validation_worst_class": (health.get("erm") or {}).get("worst_class_accuracy"),
         "chosen": _chosen_knobs(method, results),
+        "group_inference": inference_summary(results),
         "seconds": round(seconds, 1),
     }
 
@@ -88,7 +93,8 @@ def run_suite(seeds: list[int], benchmarks=SUITE, methods=SUITE_METHODS, on_resu
                 erm = None
                 erm_record = next((r for r in recorded.get(benchmark, {}).get("erm", {}).get("runs", [])
                                    if r["seed"] == seed), None)
-                needs_erm = {"erm", "gradtune", "dfr"} & set(methods) or ("fairdropout" in methods and not erm_record)
+                needs_erm = {"erm", "gradtune", "dfr"} & set(methods) or (
+                    set(PLAIN_ERM_REFERENCE) & set(methods) and not erm_record)
                 if needs_erm:
                     erm, seconds = _run(train, "erm", benchmark, seed, tmp / "erm")
                     if "erm" in methods:
