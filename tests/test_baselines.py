@@ -229,7 +229,8 @@ def test_subg_run_trains_on_the_recorded_subsample(method_runs):
 
     stored = load_file(str(out / "stages" / "subsample" / "outputs.safetensors"))
     assert stored["example_idx"].tolist() == np.asarray(train["example_idx"])[kept].tolist()
-    assert trainer.state.max_steps == math.ceil(len(kept) / 32)  # one epoch over the subsample only
+    # ERM's step budget: one epoch of the whole train split in batches of 32, over the subsample
+    assert trainer.state.max_steps == math.ceil(len(train) / 32) == report["steps"]
 
 
 def test_class_resampling_run_records_its_probabilities(method_runs):

@@ -50,11 +50,21 @@ class SUBGConfig(RobustConfig):
             `"group"`: SUBG, every group subsampled to the size of the smallest group (needs the group of every
             training example, refused before training otherwise); `"class"`: SUBY, every class to the smallest
             class (no group labels).
+        subg_epochs (`float` or `None`, *optional*):
+            Epochs over the subsample. Default: as many optimizer steps as `num_train_epochs` over the whole train
+            split would take (or `max_steps` when set): the subsample can be a hundredth of the data, and the
+            recipe's epochs over it would be a handful of steps (the paper tunes the epochs per dataset; the same
+            step budget as ERM is the choice that needs no tuning).
     """
 
     balance_by: str = field(default="group", metadata={"help": "'group' (SUBG, uses group labels) or 'class' (SUBY)."})
+    subg_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs over the subsample (default: ERM's number of optimizer steps)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.balance_by not in ("group", "class"):
             raise ValueError(f"balance_by={self.balance_by!r}: expected 'group' or 'class'.")
+        if self.subg_epochs is not None and self.subg_epochs <= 0:
+            raise ValueError(f"subg_epochs={self.subg_epochs}: expected a positive number of epochs (or unset).")

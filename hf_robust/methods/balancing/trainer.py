@@ -11,11 +11,12 @@
   -> `subsample` (the kept rows and per-group sizes, recorded in results.json `balancing`) -> `train`.
 
 Group-based variants refuse a train split without group labels before training. Departure from SUBG's paper: the
-paper trains longer on the small subset (its epochs are tuned); here the epochs are the config's.
+paper tunes the epochs on the small subset per dataset; here the default keeps ERM's number of optimizer steps.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -165,12 +166,24 @@ class SUBGTrainer(_Balancing):
         self.kept = self.load_stage_tensors(stage_dir)["position"].numpy()
 
     def _run_train(self, stage_dir: Path, resume: bool) -> None:
-        self.train_stage(stage_dir, resume, train_dataset=self.train_dataset.select(self.kept))
+        self.train_stage(stage_dir, resume, train_dataset=self.train_dataset.select(self.kept), **self.schedule())
         self.save_model_state(stage_dir)
+
+    def schedule(self) -> dict:
+        """The training length over the subsample: `subg_epochs`, else the optimizer steps of `num_train_epochs`
+        over the whole train split (`max_steps` when it is set)."""
+        if self.args.subg_epochs is not None:
+            return {"num_train_epochs": self.args.subg_epochs}
+        if self.args.max_steps > 0:
+            return {}
+        batches = math.ceil(len(self.train_dataset) / (self.args.per_device_train_batch_size * self.args.world_size))
+        steps_per_epoch = max(batches // self.args.gradient_accumulation_steps, 1)
+        return {"max_steps": math.ceil(steps_per_epoch * self.args.num_train_epochs)}
 
     def results(self) -> dict:
         results = super().results()
         results["balancing"] = {
+            "steps": self.schedule().get("max_steps"), "subg_epochs": self.args.subg_epochs,
             "balance_by": self.args.balance_by, "balance_mode": "subsample",
             "sizes": self._sizes(self.balance_keys),
             "kept_sizes": None if self.kept is None else self._sizes(self.balance_keys[self.kept]),
