@@ -3,7 +3,7 @@ Information", ICML 2021, arXiv:2107.09044): the examples an ERM model gets wrong
 a second model, trained from the same initial weights, sees them `lambda` times as often.
 
 Stages: `initial` (the model as given: the retraining starts from it) -> `erm` (the identification model, T =
-`jtt_identification_epochs` epochs, default `num_train_epochs`; or `erm_checkpoint`; evaluated as the "ERM"
+`jtt_identification_epochs` epochs, default 1; or `erm_checkpoint`; evaluated as the "ERM"
 baseline and the health check's reference) -> `error_set` (the identification model's predictions on the train
 split, without augmentation, by the distributed per-example pass: gathered and ordered by `example_idx`, so N
 processes find exactly the one-process error set; error set = argmax != label) -> `retrain` (the initial weights
@@ -13,7 +13,7 @@ repeated `jtt_upweight` times in all, shuffled like any training set).
 No group labels are used in training. When the train split has them, results.json (`jtt`) reports per group how
 much of the error set it is (precision) and how much of it the error set holds (recall).
 
-Defaults: lambda = 20 (the paper tunes 6-100 per dataset; see `JTTConfig`). Departures: none in the algorithm;
+Defaults: T = 1 epoch, lambda = 20 (the paper tunes T and lambda (6-100) per dataset; see `JTTConfig`). Departures: none in the algorithm;
 the paper's T and lambda come from a grid scored on validation worst-GROUP accuracy, which needs group labels; here
 they are the user's (no selection).
 """
