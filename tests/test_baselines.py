@@ -166,6 +166,35 @@ def test_jtt_error_set_is_the_erm_models_mistakes_on_train(method_runs):
     assert trainer.state.max_steps == math.ceil(report["retrain_size"] / 32)
 
 
+def test_jtt_chooses_lambda_on_validation_worst_class_accuracy(tiny_digits, tmp_path):
+    """With jtt_upweight_grid, one retraining per lambda from the initial weights; the final model is the candidate
+    with the best (worst-class, accuracy) on validation (ties: the first), and a resumed run keeps the choice."""
+    from hf_robust.core.health import selection_score
+
+    kwargs = dict(jtt_upweight_grid=[1, 4], save_plots=False)
+    trainer = make_trainer("jtt", "hf_vit", tiny_digits, tmp_path / "out", **kwargs)
+    trainer.train()
+    selection = trainer.selection
+    assert [c["knobs"] for c in selection["candidates"]] == [{"jtt_upweight": 1}, {"jtt_upweight": 4}]
+    scores = [selection_score(c["validation"]) for c in selection["candidates"]]
+    assert selection["chosen"] == (1 if scores[1] > scores[0] else 0)
+    chosen = selection["chosen"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "out" / "stages" / "retrain" / f"candidate_{chosen}" / "model.safetensors"))
+    final = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(final[k], v) for k, v in weights.items())
+    results = trainer.results()
+    upweight = [1, 4][chosen]
+    assert results["jtt"]["upweight"] == upweight and results["selection"]["chosen_knobs"] == {"jtt_upweight": upweight}
+    assert results["jtt"]["retrain_size"] == 32 + (upweight - 1) * results["jtt"]["error_set_size"]
+    resumed = make_trainer("jtt", "hf_vit", tiny_digits, tmp_path / "out", **kwargs)
+    resumed.train(resume_from_checkpoint=True)
+    resumed.release_output_dir()
+    assert resumed.skipped_stages == ["initial", "erm", "error_set", "retrain"]
+    assert resumed.results()["jtt"] == results["jtt"] and resumed.selection == selection
+
+
 def test_jtt_upsampled_positions():
     positions = upsampled_positions(5, np.array([1, 3]), 3)
     assert positions.tolist() == [0, 1, 2, 3, 4, 1, 3, 1, 3]

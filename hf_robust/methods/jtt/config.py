@@ -29,6 +29,10 @@ class JTTConfig(ErmCheckpointArguments, RobustConfig):
             image benchmarks it brings an error set of a few percent of train close to half the retraining set.
         jtt_retrain_epochs (`float` or `None`, *optional*):
             Epochs of the retraining, over the upsampled set. Default: `num_train_epochs`.
+        jtt_upweight_grid (`list[int]` or `None`, *optional*):
+            lambda values to choose among: one retraining each (from the same initial weights), the one with the
+            best validation worst-CLASS accuracy kept (labels only: `RobustTrainer.run_candidates`; the paper
+            chooses on worst-group accuracy, which needs validation group labels). Unset: `jtt_upweight` alone.
     """
 
     jtt_identification_epochs: float | None = field(
@@ -40,12 +44,19 @@ class JTTConfig(ErmCheckpointArguments, RobustConfig):
     jtt_retrain_epochs: float | None = field(
         default=None, metadata={"help": "Epochs of the retraining over the upsampled set (default: num_train_epochs)."}
     )
+    jtt_upweight_grid: list[int] | None = field(
+        default=None, metadata={"help": "lambda values chosen among on validation worst-class accuracy (labels only)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if int(self.jtt_upweight) != self.jtt_upweight or self.jtt_upweight < 1:
             raise ValueError(f"jtt_upweight={self.jtt_upweight}: expected a whole number >= 1 (copies per example).")
         self.jtt_upweight = int(self.jtt_upweight)
+        if self.jtt_upweight_grid is not None:
+            if not self.jtt_upweight_grid or any(int(v) != v or v < 1 for v in self.jtt_upweight_grid):
+                raise ValueError(f"jtt_upweight_grid={self.jtt_upweight_grid}: expected whole numbers >= 1.")
+            self.jtt_upweight_grid = [int(v) for v in self.jtt_upweight_grid]
         for name in ("jtt_identification_epochs", "jtt_retrain_epochs"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -13,9 +13,11 @@ repeated `jtt_upweight` times in all, shuffled like any training set).
 No group labels are used in training. When the train split has them, results.json (`jtt`) reports per group how
 much of the error set it is (precision) and how much of it the error set holds (recall).
 
-Defaults: T = 1 epoch, lambda = 20 (the paper tunes T and lambda (6-100) per dataset; see `JTTConfig`). Departures: none in the algorithm;
-the paper's T and lambda come from a grid scored on validation worst-GROUP accuracy, which needs group labels; here
-they are the user's (no selection).
+Defaults: T = 1 epoch, lambda = 20 (the paper tunes T and lambda (6-100) per dataset; see `JTTConfig`). Departures:
+none in the algorithm; the paper's T and lambda come from a grid scored on validation worst-GROUP accuracy, which
+needs group labels; here they are the user's, or lambda is chosen from `jtt_upweight_grid` on validation
+worst-CLASS accuracy (labels only, the core's `run_candidates`: one retraining per value, in
+`stages/retrain/candidate_<i>`, resumable; recorded as results.json `selection`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class JTTTrainer(RobustTrainer):
     def __init__(self, model, args: JTTConfig | None = None, *pargs, **kwargs):
         super().__init__(model, args, *pargs, **kwargs)
         if self.train_dataset is None:
-            raise DataValidationError("JTTTrainer needs a train_dataset: the error set is found on it and it retrains on it.")
+            raise DataValidationError("JTTTrainer needs a train_dataset: the error set is found on it, and it retrains "
+                                      "on it.")
         checkpoint = erm_checkpoint_of(self.args)
         if checkpoint is not None and not Path(checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={checkpoint!r} is not a folder of a saved model.")
@@ -79,7 +82,7 @@ class JTTTrainer(RobustTrainer):
             Stage(INITIAL_STAGE, lambda stage_dir, resume: self.save_model_state(stage_dir), None),
             Stage("erm", self._run_identification, self._load_erm_baseline),
             Stage("error_set", self._run_error_set, self._load_error_set),
-            Stage("retrain", self._run_retrain, self.load_model_state),
+            Stage("retrain", self._run_retrain, self._load_retrain),
         ]
 
     def _run_identification(self, stage_dir: Path, resume: bool) -> None:
@@ -136,16 +139,43 @@ class JTTTrainer(RobustTrainer):
         self.error_report = report
 
     def _run_retrain(self, stage_dir: Path, resume: bool) -> None:
-        self.load_model_state(self.stage_dir(INITIAL_STAGE))  # the same initial weights as the identification model
         if len(self.errors) == 0 and self.is_world_process_zero():
             logger.warning("JTT: the identification model misclassifies no training example; the retraining is "
                            "plain ERM. Train it for fewer epochs (jtt_identification_epochs).")
-        positions = upsampled_positions(len(self.train_dataset), self.errors.numpy(), self.args.jtt_upweight)
-        upsampled = self.train_dataset.select(positions)
-        epochs = self.args.jtt_retrain_epochs
-        self.train_stage(stage_dir, resume, train_dataset=upsampled,
-                         **({} if epochs is None else {"num_train_epochs": epochs}))
+        grid = self.args.jtt_upweight_grid
+        if grid is None:
+            self._retrain(self.args.jtt_upweight, stage_dir, resume)
+        else:  # one retraining per lambda, chosen on validation worst-class accuracy (labels only)
+            candidates = [{"jtt_upweight": value} for value in grid]
+            train = lambda knobs, folder, again: self._retrain(knobs["jtt_upweight"], folder, again)  # noqa: E731
+            self.selection = self.run_candidates(stage_dir, candidates, train, resume)
+            self.save_stage_json(stage_dir, "selection", self.selection)
+            self.load_model_state(self.candidate_folder(stage_dir, self.selection["chosen"]))
+            self._apply_selection()
         self.save_model_state(stage_dir)
+
+    def _retrain(self, upweight: int, folder: Path, resume: bool) -> None:
+        self.load_model_state(self.stage_dir(INITIAL_STAGE))  # the same initial weights as the identification model
+        positions = upsampled_positions(len(self.train_dataset), self.errors.numpy(), upweight)
+        epochs = self.args.jtt_retrain_epochs
+        self.train_stage(folder, resume, train_dataset=self.train_dataset.select(positions),
+                         **({} if epochs is None else {"num_train_epochs": epochs}))
+
+    def _load_retrain(self, stage_dir: Path) -> None:
+        self.load_model_state(stage_dir)
+        if (stage_dir / "selection.json").is_file():
+            self.selection = self.load_stage_json(stage_dir, "selection")
+            self._apply_selection()
+
+    def _apply_selection(self) -> None:
+        upweight = self.selection["candidates"][self.selection["chosen"]]["knobs"]["jtt_upweight"]
+        self.error_report = {**self.error_report, "upweight": upweight,
+                             "retrain_size": self.error_report["train_size"]
+                             + (upweight - 1) * self.error_report["error_set_size"]}
+
+    def selection_outcome(self, knobs: dict) -> tuple[bool, str]:
+        return True, (f"lambda = {knobs['jtt_upweight']} of {self.args.jtt_upweight_grid}, by validation worst-class "
+                      "accuracy (labels only)")
 
     # ------------------------------------------------------------------ report
     def results(self) -> dict:
