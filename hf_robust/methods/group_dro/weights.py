@@ -45,7 +45,9 @@ def train_group_counts(dataset, method: str, alternative: str) -> tuple[np.ndarr
     or a single group. `alternative` names what to use instead."""
     how = ("add the spurious attribute (hf_robust.data.as_group_dataset(..., attribute_column=...); the main job: "
            f"--attribute_column), or {alternative}")
-    if dataset is None or "group" not in dataset.column_names:
+    if dataset is None:
+        raise DataValidationError(f"{method} needs a train_dataset with the group of every example.")
+    if "group" not in dataset.column_names:
         raise DataValidationError(f"{method} trains with the group of every training example, but the train split "
                                   f"has no `group` column: {how}.")
     groups = np.asarray(dataset["group"], dtype=np.int64)
