@@ -189,6 +189,10 @@ METHOD_TEST_DEFAULTS = {
     # beta = 30 (the paper's), no selection of beta
     "counterfactual": dict(learning_rate=1e-3, warmup_steps=0, wise_ft_alphas=[0.5], plot_examples=3,
                            counterfactual_selection="off"),
+    "group_dro": dict(logging_steps=100),
+    "jtt": dict(logging_steps=100),
+    "reweight": dict(logging_steps=100),
+    "subg": dict(logging_steps=100),
 }
 
 
@@ -324,6 +328,10 @@ DISTRIBUTED_CHECKS = {
     "counterfactual": ("method_distributed.py", ["counterfactual"]),
     "gradtune": ("method_distributed.py", ["gradtune"]),
     "masktune": ("method_distributed.py", ["masktune"]),
+    "group_dro": ("method_distributed.py", ["group_dro"]),
+    "jtt": ("method_distributed.py", ["jtt"]),
+    "reweight": ("method_distributed.py", ["reweight"]),
+    "subg": ("method_distributed.py", ["subg"]),
 }
 
 

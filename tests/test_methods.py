@@ -43,6 +43,10 @@ _SMALL_BY_METHOD = {
     "fairdropout_dfr": dict(p_gen=0.25, p_mem=0.3, dfr_num_subsets=2, dfr_regularization=[1.0, 0.1], **_SMALL),
     # (tests/test_counterfactual.py reads the timm_wrapper_resnet one: a CNN student)
     "counterfactual": dict(wise_ft_alphas=[], **_SMALL),
+    "group_dro": _SMALL,
+    "jtt": dict(jtt_upweight=3, **_SMALL),
+    "reweight": _SMALL,  # by group, reweighting the loss (the default)
+    "subg": _SMALL,
 }
 # (method, family): the error that refuses the family, before any training
 UNSUPPORTED = {
@@ -67,6 +71,11 @@ _OWN_CASES = [
     # zero-shot -> vanilla -> distill -> WiSE-FT on a tiny CLIP
     ("counterfactual", "clip_zero_shot", "clip_data", dict(compare_vanilla=True, wise_ft_alphas=[0.0, 0.5, 1.0])),
     ("counterfactual", "clip_zero_shot", "clip_data", CF_SELECTING, "selecting"),
+    # the baselines (tests/test_baselines.py): a larger step size shows q moving; resampling by class
+    ("group_dro", "timm_wrapper_resnet", "small_digits", dict(group_dro_eta=0.1, group_dro_adjustment=1.0)),
+    ("jtt", "timm_wrapper_resnet", "small_digits", dict(jtt_upweight=4)),
+    ("reweight", "timm_wrapper_resnet", "small_digits", dict(balance_by="class", balance_mode="resample")),
+    ("subg", "timm_wrapper_resnet", "small_digits", {}),
 ]
 # FairDropout-DFR at BERT's `pooled` rather than its default `fc`: the export folds fc's new projection into the head,
 # exact up to the float32 rounding of the folded weights, which the head's weights multiply; DFR's L1-logistic head
@@ -113,6 +122,14 @@ def expected(method: str, config: dict) -> dict:
         select = ["select"] if config.get("counterfactual_selection") == "auto" else []
         return dict(stages=["zero_shot", *["vanilla"] * vanilla, *select, "distill", "wise_ft"], reported=reported,
                     reference="Vanilla FT" if vanilla else "Zero-shot")
+    if method == "group_dro":  # (methods without an ERM stage: the model as given is the reference)
+        return dict(stages=["initial", "group_dro"], reported=set(), reference="the model as given")
+    if method == "jtt":  # the identification model is the report's ERM
+        return dict(stages=["initial", "erm", "error_set", "retrain"], reported={"ERM"}, reference="ERM")
+    if method == "reweight":
+        return dict(stages=["initial", "train"], reported=set(), reference="the model as given")
+    if method == "subg":
+        return dict(stages=["initial", "subsample", "train"], reported=set(), reference="the model as given")
     raise AssertionError(f"{method}: a method of the registry without expectations here")
 
 

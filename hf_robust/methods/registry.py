@@ -89,6 +89,12 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
             **{name: dict(model="digits-clip", learning_rate=1e-3, num_train_epochs=3) for name in DIGITS_BENCHMARKS},
         },
     ),
+    # the baselines every peer library ships (issue 16): group DRO and the balancing rules use train group labels
+    # (refused before training without them), JTT and class balancing do not
+    MethodSpec("group_dro", _M + "group_dro.config:GroupDROConfig", _M + "group_dro.trainer:GroupDROTrainer"),
+    MethodSpec("jtt", _M + "jtt.config:JTTConfig", _M + "jtt.trainer:JTTTrainer"),
+    MethodSpec("reweight", _M + "balancing.config:ReweightConfig", _M + "balancing.trainer:ReweightTrainer"),
+    MethodSpec("subg", _M + "balancing.config:SUBGConfig", _M + "balancing.trainer:SUBGTrainer"),
 )}
 DEFAULT_METHOD = "masktune"  # the no-argument main job: ERM, then MaskTune, on biased_digits
 

@@ -19,7 +19,9 @@ What each check writes (the tests: tests/test_distributed.py for ERM, tests/test
 - fairdropout: the mask every example got at every step it was seen (gathered from all processes), the logged
   losses, the final parameters, the evaluation, and a label-free selection of the knobs;
 - counterfactual: how the teacher was held (wrapped or not, frozen, unchanged), the student's parameters, the
-  per-step losses, the evaluation, WiSE-FT, and the random masks of one global batch.
+  per-step losses, the evaluation, WiSE-FT, and the random masks of one global batch;
+- group_dro, jtt, reweight, subg (the baselines, tests/test_baselines.py): the parameters and logged losses, and
+  GroupDRO's group weights q, JTT's error set, SUBG's kept rows (reweight: resampled by group, the seeded sampler).
 """
 
 from __future__ import annotations
@@ -253,6 +255,41 @@ def run_counterfactual(method, data, work_dir, world, erm_dir) -> Run:
     })
 
 
+def run_baseline(method, data, work_dir, world, erm_dir) -> Run:
+    """A baseline on a tiny ViT, 2 epochs of global batches of 32 (the last partial one dropped: JTT's and SUBG's
+    training sets have data-dependent sizes, and a padded last batch would differ between 1 and 2 processes). The
+    train split: 64 biased training rows plus 64 group-balanced validation rows (every group present), renumbered."""
+    from datasets import concatenate_datasets
+
+    train = concatenate_datasets([data["train"], data["validation"].select(range(64))])
+    train = train.remove_columns("example_idx").add_column("example_idx", list(range(len(train))))
+    train = train.cast_column("example_idx", data["train"].features["example_idx"])
+    validation = data["validation"].select(range(64, len(data["validation"])))
+    model, processor = make_model("hf_vit", seed=0)
+    args = config(method, work_dir, num_train_epochs=2, per_device_train_batch_size=GLOBAL_BATCH // world,
+                  per_device_eval_batch_size=8, learning_rate=1e-3, logging_steps=1, save_plots=False,
+                  dataloader_drop_last=True, **CHECKS[method].common)
+    trainer = trainer_class(method)(model, args, train_dataset=train, eval_dataset={"validation": validation},
+                                    processing_class=processor)
+    trainer.train()
+    params = flat(trainer.accelerator.unwrap_model(trainer.model).parameters())
+    outputs = {"params": params.tolist(), "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+               "results": {k: v for k, v in trainer.results().items() if k in ("group_dro", "jtt", "balancing")}}
+    fingerprint = []
+    if method == "group_dro":
+        outputs["q"] = trainer.group_weights.tolist()
+        fingerprint = trainer.group_weights.tolist()
+    if method == "jtt":
+        outputs["errors"] = trainer.errors.tolist()
+        fingerprint = [float(trainer.errors.sum()), float(len(trainer.errors))]
+    if method == "subg":
+        outputs["kept"] = trainer.kept.tolist()
+        fingerprint = [float(trainer.kept.sum())]
+    return Run(trainer, outputs, fingerprint=fingerprint)
+
+
+_BASELINE_SPLITS = {"train": (0, range(64)), "validation": (1, range(160))}
+
 CHECKS: dict[str, Check] = {
     "erm": Check({"train": (0, range(256)), "validation": (1, range(101)), "test_biased": (None, range(0, 540, 7))},
                  run_erm),
@@ -262,6 +299,10 @@ CHECKS: dict[str, Check] = {
                       common=dict(per_device_eval_batch_size=8, logging_steps=100)),
     "fairdropout": Check({"train": (0, range(64)), "validation": (1, range(61))}, run_fairdropout),
     "counterfactual": Check({"train": (0, range(256)), "validation": (1, range(101))}, run_counterfactual),
+    "group_dro": Check(_BASELINE_SPLITS, run_baseline, common=dict(group_dro_eta=0.1, group_dro_adjustment=1.0)),
+    "jtt": Check(_BASELINE_SPLITS, run_baseline, common=dict(jtt_upweight=3, jtt_identification_epochs=1)),
+    "reweight": Check(_BASELINE_SPLITS, run_baseline, common=dict(balance_mode="resample")),
+    "subg": Check(_BASELINE_SPLITS, run_baseline),
 }
 
 
