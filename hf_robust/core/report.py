@@ -43,26 +43,20 @@ class RunReport:
                                title=f"{self._name}: label-free selection (candidate 0 = the unchanged model)")
         if self.args.save_plots:
             plot_files = sorted(str(p.relative_to(output_dir)) for p in (output_dir / "plots").glob("*.png"))
-        results = self.report_results()
+        results = self.results()
         card = self.create_model_card_object(results, plot_files, output_dir=output_dir)
         atomic_write_bytes(output_dir / "README.md", str(card).encode())
         atomic_write_json(output_dir / RESULTS_NAME, results, strict=True)  # last: marks a finished report
 
-    def report_results(self) -> dict:
-        """`results()` with, after `dataset`, where the data came from: `dataset_revision` (Hub repo and commit, or
-        None) and `dataset_fingerprint` (each split's `datasets` fingerprint; `hf_robust.data.hub`)."""
+    def data_provenance(self) -> dict:
+        """Where the data came from, recorded in `results()` after `dataset`: `dataset_revision` (Hub repo and
+        commit, or None) and `dataset_fingerprint` (each split's `datasets` fingerprint; `hf_robust.data.hub`)."""
         from ..data.hub import dataset_provenance
 
         splits = {"train": self.train_dataset}
         evals = self.eval_dataset
         splits.update(evals if isinstance(evals, dict) else {"eval": evals} if evals is not None else {})
-        provenance = dataset_provenance(splits)
-        results = {}
-        for key, value in self.results().items():
-            results[key] = value
-            if key == "dataset":
-                results.update(provenance)
-        return results if "dataset" in results else {**results, **provenance}
+        return dataset_provenance(splits)
 
     def method_hyperparameters(self) -> dict:
         """Hyperparameters shown in the model card: the method's own config fields and the main training ones."""
@@ -88,7 +82,7 @@ class RunReport:
         """The model card of the model saved in `output_dir` (default: the run's output_dir)."""
         from ..reporting.modelcard import build_model_card
 
-        results = results or self.report_results()
+        results = results or self.results()
         if self._staging_dir is not None and output_dir is not None and Path(output_dir) == self._staging_dir:
             output_dir = self._final_output_dir  # the card names the folder it is saved for, not its staging
         repo = self.args.hub_model_id or Path(output_dir or self.args.output_dir).absolute().name
