@@ -9,7 +9,7 @@ from conftest import REPO
 from hf_robust.methods import registry
 
 LIBRARY = REPO / "hf_robust"
-METHOD_NAMES = re.compile(r"masktune|gradtune|fair_?dropout|counterfactual|dfr", re.IGNORECASE)
+METHOD_NAMES = re.compile(r"masktune|gradtune|fair_?dropout|counterfactual|dfr|group_?dro|jtt|subg|reweight", re.IGNORECASE)
 
 
 def _imports(path):
