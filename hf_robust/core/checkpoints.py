@@ -142,7 +142,8 @@ class CheckpointIO:
 
         With `via_from_pretrained` and a `config.json` there, the folder is read by the model class's own
         `from_pretrained` (which maps the key names of transformers' checkpoint layouts onto the modules);
-        otherwise its `.safetensors` files are loaded as they are (models with modules added by hf_robust)."""
+        otherwise its `.safetensors` files are loaded (models with modules added by hf_robust), the key names
+        transformers saves under mapped back onto the model's (`load_saved_weights`)."""
         from safetensors.torch import load_file
 
         model = self.accelerator.unwrap_model(self.model)
