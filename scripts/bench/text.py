@@ -15,7 +15,8 @@ Rows: `erm`; `erm_balanced` (ERM on a group-balanced training set of the same si
 class: the reference that shows the core signal is learnable); `masktune` (token masking); `gradtune` and `dfr`
 (from the `erm` row's model of the same seed, `--erm_checkpoint`, when this process trained it: their seconds then
 leave the shared ERM out); `fairdropout` (position `fc`); `fairdropout_dfr` (from the `fairdropout` row's model of
-the same seed when this process trained it).
+the same seed when this process trained it). Each record's `reference_test_worst_group` is its run's own reference
+stage (ERM; the FairDropout model for FairDropout-DFR); for FairDropout, the `erm` row's run of the same seed.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def summarise(runs: list[dict]) -> dict:
 @contextlib.contextmanager
 def _locked(path: Path):
     """The results file, read and written under an exclusive lock (several processes may record seeds at once)."""
-    with open(str(path) + ".lock", "w") as lock:
+    import hashlib
+
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"bench_text_{name}.lock", "w") as lock:  # not beside the results
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(path.read_text()) if path.exists() else {}
         yield results
@@ -112,7 +116,12 @@ def run_rows(rows: list[str], seeds: list[int], path: Path, log=print) -> None:
                 outputs[row] = out
                 if row == "erm":
                     erm = results
-                run = _record(method, results, erm if method == "fairdropout" else None, seconds)
+                erm_record = None
+                if method == "fairdropout" and erm is None:  # its reference: the erm row's run of this seed
+                    recorded = json.loads(path.read_text()) if path.exists() else {}
+                    erm_runs = recorded.get("reproductions", {}).get(DATASET, {}).get("erm", {}).get("runs", [])
+                    erm_record = next((r for r in erm_runs if r["seed"] == seed), None)
+                run = _record(method, results, erm if method == "fairdropout" else None, seconds, erm_record)
                 command = f"scripts/train.py --method {method} --dataset {DATASET} {' '.join(ROWS[row][1])}".strip()
                 if row in STARTS_FROM:
                     command += f" (--erm_checkpoint: the {STARTS_FROM[row]} row's model when run in the same process)"
