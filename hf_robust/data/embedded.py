@@ -23,8 +23,8 @@ verb on 10% of the reviews of every group, and a spurious token ("spoiler:" befo
 positive and 1% of the negative reviews in `train` (validation and test: on half of each class, every group
 alike). The pre-trained MiniLM (`minilm` preset) knows adjective sentiment, yet fine-tuned with ERM it predicts from
 the token alone (0% on the two minority groups after its first 30 updates: the token explains 99% of the labels,
-the adjective 90%), while the core stays in its features (DFR on them: ~89%) and ERM on a group-balanced training
-set of the same size learns it (README, "spurious_text").
+the adjective 90%), while the core stays in its features (DFR on them: 87.0 / 77.5 / 88.0% for seeds 0-2) and ERM
+on a group-balanced training set of the same size learns it (100%; README, "spurious_text").
 """
 
 from __future__ import annotations
