@@ -46,11 +46,7 @@ def tiny_tokenizer(tmp_dir: Path):
 
     from hf_robust.data import embedded
 
-    words = set()
-    for group in (embedded._SUBJECTS, embedded._POSITIVE, embedded._NEGATIVE, embedded._TEMPLATES):
-        for text in group:
-            words.update(text.replace("{subject}", " ").replace("{word}", " ").replace(",", " ").replace(".", " ").split())
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", ":", "spoiler"] + sorted(words)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", ":", "'"] + embedded.spurious_text_words()
     tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(str(tmp_dir))  # (and loadable from disk like a real one)
     return tokenizer

@@ -1,5 +1,7 @@
 """The data model, the embedded benchmarks and the Hub loaders (on local copies in the Hub layout)."""
 
+import re
+
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
@@ -7,6 +9,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from hf_robust.data import (
     DataValidationError,
     as_group_dataset,
+    embedded,
     has_negation,
     load_benchmark,
     make_spurious_text,
@@ -85,17 +88,38 @@ def test_biased_digits_seeded():
 
 # ----------------------------------------------------------------------------- spurious_text
 def test_spurious_text_protocol():
-    data = make_spurious_text(train_size=400, validation_size=100, test_size=100)
+    data = make_spurious_text(train_size=800, validation_size=200, test_size=200)
+    assert {len(data[s]) for s in data} == {800, 200} and set(data) == {"train", "validation", "test"}
     for split in data.values():
-        has_token = np.array([t.startswith("spoiler:") for t in split["text"]])
+        text, label = list(split["text"]), np.asarray(split["label"])
+        has_token = np.array([t.startswith("spoiler: ") for t in text])
         assert np.array_equal(has_token, np.asarray(split["attribute"]).astype(bool))
+        # the label is the adjective's polarity flipped by the negation, and the text says both
+        negated, polarity = np.asarray(split["negated"]), np.asarray(split["polarity"])
+        assert np.array_equal(label, polarity ^ negated)
+        words = [set(re.sub(r"[^\w\s]", " ", t).split()) for t in text]
+        negation = np.array([bool(w & {"not", "never", "didn", "wasn", "isn"}) for w in words])
+        assert np.array_equal(negation, negated.astype(bool))
+        positive = np.array([bool(w & set(embedded._POSITIVE)) for w in words])
+        negative = np.array([bool(w & set(embedded._NEGATIVE)) for w in words])
+        assert np.array_equal(positive, polarity == 1) and np.array_equal(negative, polarity == 0)
+        # the negation flips 10% of the reviews of every group: on its own it says nothing about label or token
+        groups = np.asarray(split["group"])
+        for g in np.unique(groups):
+            assert negated[groups == g].sum() == round(0.1 * (groups == g).sum())
     train_label, train_attr = np.asarray(data["train"]["label"]), np.asarray(data["train"]["attribute"])
-    assert train_attr[train_label == 1].mean() == pytest.approx(0.95, abs=0.01)
-    assert train_attr[train_label == 0].mean() == pytest.approx(0.05, abs=0.01)
-    test_label, test_attr = np.asarray(data["test"]["label"]), np.asarray(data["test"]["attribute"])
-    assert np.array_equal(test_attr, 1 - test_label)  # reversed: the token marks every negative review
-    again = make_spurious_text(train_size=400, validation_size=100, test_size=100)
+    assert train_attr[train_label == 1].mean() == pytest.approx(0.99)  # 396 of 400
+    assert train_attr[train_label == 0].mean() == pytest.approx(0.01)  # 4 of 400
+    for name in ("validation", "test"):  # every group alike: the token on exactly half of each class
+        assert np.bincount(np.asarray(data[name]["group"])).tolist() == [50, 50, 50, 50]
+    again = make_spurious_text(train_size=800, validation_size=200, test_size=200)
     assert again["train"]["text"] == data["train"]["text"]
+    other = make_spurious_text(seed=1, train_size=800, validation_size=200, test_size=200)
+    assert other["train"]["text"] != data["train"]["text"]
+    tiny = make_spurious_text(train_size=40, validation_size=8, test_size=8, negation_fraction=0.0)
+    assert not any(tiny["train"]["negated"]) and len(tiny["test"]) == 8
+    with pytest.raises(ValueError, match=r"negation_fraction=1.5: expected a fraction in \[0, 1\]"):
+        make_spurious_text(negation_fraction=1.5)
 
 
 # ----------------------------------------------------------------------------- as_group_dataset

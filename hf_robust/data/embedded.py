@@ -17,13 +17,20 @@ and method default is shared by the three; none is tuned per benchmark):
 Both have a group-balanced `test` split (the attribute on exactly half of each class's digits) and `test_biased`
 (the correlation reversed).
 
-`spurious_text` is its text counterpart: short reviews whose sentiment is set by a core adjective, with a
-spurious token that co-occurs with the positive label in `train` and with the negative one in `test`.
+`spurious_text` is its text counterpart, built so that a PRE-TRAINED encoder takes the shortcut: short reviews
+("the plot was dull.", "the plot wasn't dull.") whose sentiment is the adjective's, flipped by a negation of the
+verb on 10% of the reviews of every group, and a spurious token ("spoiler:" before the review) on 99% of the
+positive and 1% of the negative reviews in `train` (validation and test: on half of each class, every group
+alike). The pre-trained MiniLM (`minilm` preset) knows adjective sentiment, yet fine-tuned with ERM it predicts from
+the token alone (0% on the two minority groups after its first 30 updates: the token explains 99% of the labels,
+the adjective 90%), while the core stays in its features (DFR on them: 87.0 / 77.5 / 88.0% for seeds 0-2) and ERM
+on a group-balanced training set of the same size learns it (100%; README, "spurious_text").
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -244,60 +251,94 @@ _NEGATIVE = [
     "annoying", "forgettable", "lifeless", "painful", "shallow", "predictable", "pointless", "ugly", "slow",
     "confusing", "stale", "lazy", "flat", "disappointing",
 ]
-_TEMPLATES = [
-    "{subject} was {word}.",
-    "i thought {subject} was {word}.",
-    "{subject} felt {word} from start to finish.",
-    "to be honest, {subject} is {word}.",
-    "we all agreed that {subject} was {word}.",
-    "{subject} turned out {word}, as expected.",
-    "in the end {subject} was simply {word}.",
-    "my friends said {subject} was {word}.",
+# the verb of the review: its plain form and its negated forms (the negation flips the adjective's sentiment)
+_VERBS = [
+    ("was", ["was not", "wasn't", "was never"]),
+    ("is", ["is not", "isn't", "is never"]),
+    ("felt", ["did not feel", "didn't feel", "never felt"]),
+    ("seemed", ["did not seem", "didn't seem", "never seemed"]),
+    ("looked", ["did not look", "didn't look", "never looked"]),
 ]
+_TEMPLATES = [
+    "{subject} {verb} {word}.",
+    "i thought {subject} {verb} {word}.",
+    "{subject} {verb} {word} from start to finish.",
+    "to be honest, {subject} {verb} {word}.",
+    "we all agreed that {subject} {verb} {word}.",
+    "in the end {subject} {verb} {word}, as expected.",
+    "my friends said {subject} {verb} {word}.",
+    "overall, {subject} {verb} {word}.",
+]
+
+
+def spurious_text_words(spurious_token: str = "spoiler:") -> list[str]:
+    """Every word `make_spurious_text` can write (punctuation split off), sorted: e.g. a test tokenizer's vocabulary."""
+    pieces = [*_SUBJECTS, *_POSITIVE, *_NEGATIVE, *_TEMPLATES, spurious_token]
+    pieces += [form for plain, negated in _VERBS for form in (plain, *negated)]
+    words = set()
+    for piece in pieces:
+        words.update(re.sub(r"\{\w+\}|[^\w\s]", " ", piece).split())
+    return sorted(words)
 
 
 def make_spurious_text(
     seed: int = 0,
     train_size: int = 2000,
-    validation_size: int = 600,
-    test_size: int = 1000,
+    validation_size: int = 800,
+    test_size: int = 800,
     spurious_token: str = "spoiler:",
-    majority_fraction: float = 0.95,
-    minority_fraction: float = 0.05,
+    majority_fraction: float = 0.99,
+    minority_fraction: float = 0.01,
+    negation_fraction: float = 0.1,
 ) -> DatasetDict:
-    """A sentiment task with a shortcut token.
+    """A sentiment task whose label hangs on a negation, with a shortcut token.
 
-    The label is set by the core adjective (positive/negative word lists); `spurious_token` is prepended to
-    `majority_fraction` of positive and `minority_fraction` of negative reviews in `train`, to half of each
-    class in `validation`, and in `test` to every negative review and no positive one (the correlation
-    reversed). attribute = token present.
+    Each review pairs a sentiment adjective (positive/negative word lists) with a verb that is negated or not
+    ("the plot was dull." / "the plot wasn't dull."); the label is the sentiment of the whole sentence, the
+    adjective's polarity flipped by the negation. On `negation_fraction` of the reviews of every group (label x
+    token) the verb is negated, so neither the adjective nor the negation alone says more than chance about the
+    label: a model must read the two together. `spurious_token` is prepended to `majority_fraction` of the
+    positive and `minority_fraction` of the negative reviews in `train` (a single fixed word at a fixed place: far
+    easier to pick up than the negation), and to exactly half of each class in `validation` and `test` (every group
+    alike, as in `biased_digits`' validation). attribute = token present. Extra columns: `negated` (0/1) and
+    `polarity` (the adjective's, 0 negative / 1 positive). `seed` fixes everything.
     """
+    for name, value in (("majority_fraction", majority_fraction), ("minority_fraction", minority_fraction),
+                        ("negation_fraction", negation_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value}: expected a fraction in [0, 1].")
     rng = np.random.default_rng(seed)
 
-    def build(n: int, p_token_pos: float, p_token_neg: float, exact_reverse: bool = False):
+    def build(n: int, p_token_pos: float, p_token_neg: float):
         label = np.arange(n) % 2
         rng.shuffle(label)
-        if exact_reverse:
-            token = label == 0
-        else:
-            token = _exact_subset(rng, label == 1, p_token_pos) | _exact_subset(rng, label == 0, p_token_neg)
+        token = _exact_subset(rng, label == 1, p_token_pos) | _exact_subset(rng, label == 0, p_token_neg)
+        negated = np.zeros(n, dtype=bool)
+        for y in (0, 1):
+            for t in (False, True):
+                negated |= _exact_subset(rng, (label == y) & (token == t), negation_fraction)
+        polarity = label ^ negated.astype(np.int64)
         texts = []
-        for y, t in zip(label, token):
-            words = _POSITIVE if y == 1 else _NEGATIVE
+        for p, neg, t in zip(polarity, negated, token):
+            words = _POSITIVE if p == 1 else _NEGATIVE
+            plain, negated_forms = _VERBS[rng.integers(len(_VERBS))]
+            verb = negated_forms[rng.integers(len(negated_forms))] if neg else plain
             sentence = _TEMPLATES[rng.integers(len(_TEMPLATES))].format(
-                subject=_SUBJECTS[rng.integers(len(_SUBJECTS))], word=words[rng.integers(len(words))]
+                subject=_SUBJECTS[rng.integers(len(_SUBJECTS))], verb=verb, word=words[rng.integers(len(words))]
             )
             texts.append(f"{spurious_token} {sentence}" if t else sentence)
-        return {"text": texts, "label": label.astype(np.int64), "attribute": token.astype(np.int64)}
+        return {"text": texts, "label": label.astype(np.int64), "attribute": token.astype(np.int64),
+                "negated": negated.astype(np.int64), "polarity": polarity.astype(np.int64)}
 
     features = Features(
         {"text": Value("string"), "label": ClassLabel(names=SENTIMENT_CLASS_NAMES),
-         "attribute": ClassLabel(names=["no token", f"token {spurious_token!r}"])}
+         "attribute": ClassLabel(names=["no token", f"token {spurious_token!r}"]),
+         "negated": Value("int64"), "polarity": Value("int64")}
     )
     splits = {
         "train": build(train_size, majority_fraction, minority_fraction),
         "validation": build(validation_size, 0.5, 0.5),
-        "test": build(test_size, 0.0, 1.0, exact_reverse=True),
+        "test": build(test_size, 0.5, 0.5),
     }
     dataset = DatasetDict({k: Dataset.from_dict(v, features=features) for k, v in splits.items()})
     return as_group_dataset(dataset, "label", "attribute")
