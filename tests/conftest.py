@@ -328,7 +328,10 @@ DISTRIBUTED_CHECKS = {
     "jtt": ("method_distributed.py", ["jtt"]),
     "reweight": ("method_distributed.py", ["reweight"]),
     "subg": ("method_distributed.py", ["subg"]),
+    "group_inference": ("group_inference_distributed.py", []),
+    "overlapping_groups": ("overlapping_distributed.py", []),
 }
+NEEDS_ERM_FOLDER = ("method_distributed.py", "group_inference_distributed.py")  # scripts given a shared ERM folder
 
 
 @pytest.fixture(scope="session")
@@ -345,7 +348,7 @@ def distributed_checks(tmp_path_factory, digits):  # `digits` caches the benchma
             folder = tmp / name
             folder.mkdir(exist_ok=True)
             outputs = [str(folder / f"{world}.json"), str(folder / world)]
-            if script == "method_distributed.py":  # the shared ERM model, trained by the 1-process run if needed
+            if script in NEEDS_ERM_FOLDER:  # the shared ERM model, trained by the 1-process run if needed
                 outputs.append(str(folder / "erm"))
             plan.append([str(scripts / script), *arguments, *outputs])
         (tmp / f"{world}_plan.json").write_text(json.dumps(plan))

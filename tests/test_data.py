@@ -689,23 +689,9 @@ def test_waterbirds_and_celeba_recipes_use_torchvision_resnet50_with_the_literat
 
 
 @pytest.mark.distributed
-def test_overlapping_groups_under_two_processes_are_the_one_process_result(tmp_path, digits):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import LAUNCH_TWO_PROCESSES
-
-    script = Path(__file__).parent / "scripts" / "overlapping_distributed.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    out = {}
-    for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
-        result = subprocess.run(prefix + [str(script), str(tmp_path / f"{world}.json"), str(tmp_path / world)],
-                                env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        out[world] = json.loads((tmp_path / f"{world}.json").read_text())
+def test_overlapping_groups_under_two_processes_are_the_one_process_result(distributed_checks):
+    """tests/scripts/overlapping_distributed.py as one process and as two (the shared launch)."""
+    out = dict(zip(("one", "two"), distributed_checks["overlapping_groups"]))  # the suite's shared launch
     assert (out["one"]["world_size"], out["two"]["world_size"]) == (1, 2)
     one, two = out["one"]["metrics"], out["two"]["metrics"]
     assert one.keys() == two.keys()

@@ -3,14 +3,10 @@ against a hand computation, the gradient-norm rule against GradTune's own select
 the card and the plot of a tiny run (images and text), resume, `group_inference="off"`, and 2 processes = 1."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCH_TWO_PROCESSES, REPO, make_model, make_trainer
+from conftest import make_model, make_trainer
 
 from hf_robust.inference import group_inference as gi
 from hf_robust.inference.rules import class_table, error_set, example_order, gradient_norm_set, group_table
@@ -245,17 +241,11 @@ def test_card_section_without_group_labels():
 
 
 # ----------------------------------------------------------------------------- N processes
-def test_two_processes_infer_what_one_does(tmp_path):
-    script = Path(__file__).parent / "scripts" / "group_inference_distributed.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    outputs = {}
-    for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
-        result = subprocess.run(prefix + [str(script), str(tmp_path / f"{world}.json"), str(tmp_path / world),
-                                          str(tmp_path / "erm")], env=env, capture_output=True, text=True,
-                                timeout=900, cwd=tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        outputs[world] = json.loads((tmp_path / f"{world}.json").read_text())
+@pytest.mark.distributed
+def test_two_processes_infer_what_one_does(distributed_checks):
+    """tests/scripts/group_inference_distributed.py, run as one process and under a 2-process launch (the shared
+    launch of `distributed_checks`)."""
+    outputs = dict(zip(("one", "two"), distributed_checks["group_inference"]))
     one, two = outputs["one"], outputs["two"]
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["ranks_agree"] and two["ranks_agree"]
     assert one["sets"] == two["sets"] and one["sets"]["error_set_idx"]
