@@ -178,6 +178,8 @@ def knobs_table(table: dict) -> str:
     """Method x benchmark: the knobs each seed's run chose on validation (labels only), and its health status."""
     benchmarks = list(table)
     methods = list(dict.fromkeys(m for b in benchmarks for m in table[b] if m != "erm"))
+    # methods with no knob to choose (the baselines run with their defaults) have no row
+    methods = [m for m in methods if any(r["chosen"] for b in benchmarks for r in table[b].get(m, {}).get("runs", []))]
     lines = ["| method | " + " | ".join(benchmarks) + " |", "| --- |" + " --- |" * len(benchmarks)]
     for method in methods:
         cells = []

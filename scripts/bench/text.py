@@ -45,6 +45,10 @@ ROWS = {  # row -> (method, extra flags of scripts/train.py)
     "dfr": ("dfr", []),
     "fairdropout": ("fairdropout", ["--fair_dropout_positions", "fc"]),
     "fairdropout_dfr": ("fairdropout_dfr", ["--fair_dropout_positions", "fc"]),
+    # the baselines (GroupDRO and SUBG use the training groups; JTT does not)
+    "group_dro": ("group_dro", []),
+    "subg": ("subg", []),
+    "jtt": ("jtt", []),
 }
 STARTS_FROM = {"gradtune": "erm", "dfr": "erm", "fairdropout_dfr": "fairdropout"}  # row -> row whose model it reuses
 
