@@ -88,3 +88,16 @@ class PerExamplePass:
             yield model
         finally:
             model.train(was_training)
+
+
+def per_example_cross_entropy(trainer, model, inputs) -> tuple[torch.Tensor, object]:
+    """(the cross-entropy of every example of a training batch, from the model's logits and with the config's
+    label smoothing, whatever loss the model computes itself; the model's outputs): for losses that weight examples
+    or groups."""
+    model_inputs = trainer.model_inputs(inputs)
+    labels = model_inputs.pop("labels")
+    outputs = model(**model_inputs)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none",
+                                         label_smoothing=trainer.args.label_smoothing_factor)
+    return losses, outputs

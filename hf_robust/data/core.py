@@ -426,3 +426,32 @@ def stratified_subset(dataset: Dataset, size: int, seed: int = 0, by: str = "lab
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(keys == value))[:n] for value, n in zip(values, take)]
     return dataset.select(np.sort(np.concatenate(chosen)).tolist())
+
+
+def require_train_groups(dataset, method: str, alternative: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(group of every example, training size of each group, group names) of a training split, or a
+    `DataValidationError` (raised before any training, by the methods that train with group labels) when it has no usable group labels: a group column missing, an unknown group (-1) on some example,
+    or a single group. `alternative` names what to use instead."""
+    how = ("add the spurious attribute (hf_robust.data.as_group_dataset(..., attribute_column=...); the main job: "
+           f"--attribute_column), or {alternative}")
+    if dataset is None:
+        raise DataValidationError(f"{method} needs a train_dataset with the group of every example.")
+    if "group" not in dataset.column_names:
+        raise DataValidationError(f"{method} trains with the group of every training example, but the train split "
+                                  f"has no `group` column: {how}.")
+    groups = np.asarray(dataset["group"], dtype=np.int64)
+    if (groups < 0).any():
+        raise DataValidationError(
+            f"{method} trains with the group of every training example, but {int((groups < 0).sum())} of the "
+            f"{len(groups)} training examples have an unknown group (-1): {how}."
+        )
+    feature = dataset.features["group"]
+    names = list(getattr(feature, "names", None) or [str(g) for g in range(int(groups.max(initial=-1)) + 1)])
+    counts = np.bincount(groups, minlength=len(names))
+    if (counts > 0).sum() < 2:
+        raise DataValidationError(
+            f"{method} trains with the groups, but the train split has {int((counts > 0).sum())} group with examples "
+            f"({dict(zip(names, counts.tolist()))}): it needs at least two. Check the attribute column, or "
+            f"{alternative}."
+        )
+    return groups, counts, names

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...data.core import DataValidationError
+from ...data.core import require_train_groups
 
 SUBSAMPLE_STREAM = 2022  # the seed stream of the subsample (the seed's other uses draw from other streams)
 
@@ -15,21 +15,8 @@ def balance_keys(dataset, balance_by: str, method: str) -> np.ndarray:
     group on a split without usable group labels (a missing or unknown group, or one group only)."""
     if balance_by == "class":
         return np.asarray(dataset["label"], dtype=np.int64)
-    how = (f"add the spurious attribute (hf_robust.data.as_group_dataset(..., attribute_column=...); the main job: "
-           f"--attribute_column), or balance by class (balance_by='class'), which needs no group labels")
-    if "group" not in dataset.column_names:
-        raise DataValidationError(f"{method} with balance_by='group' needs the group of every training example, but "
-                                  f"the train split has no `group` column: {how}.")
-    keys = np.asarray(dataset["group"], dtype=np.int64)
-    if (keys < 0).any():
-        raise DataValidationError(
-            f"{method} with balance_by='group' needs the group of every training example, but {int((keys < 0).sum())} "
-            f"of the {len(keys)} training examples have an unknown group (-1): {how}."
-        )
-    if len(np.unique(keys)) < 2:
-        raise DataValidationError(f"{method} with balance_by='group' found one group in the train split: balancing "
-                                  "needs at least two. Check the attribute column, or balance by class "
-                                  "(balance_by='class').")
+    keys, _, _ = require_train_groups(dataset, f"{method} with balance_by='group'",
+                                      "balance by class (balance_by='class'), which needs no group labels")
     return keys
 
 

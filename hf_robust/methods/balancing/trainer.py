@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ...core.per_example import per_example_cross_entropy
 from ...core.sampling import balanced_sampler
 from ...core.stages import INITIAL_STAGE, Stage
 from ...core.trainer import RobustTrainer
@@ -110,12 +110,7 @@ class ReweightTrainer(_Balancing):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (model.training and self.args.balance_mode == "reweight"):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        model_inputs = self.model_inputs(inputs)
-        labels = model_inputs.pop("labels")
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses = F.cross_entropy(logits.float(), labels, reduction="none",
-                                 label_smoothing=self.args.label_smoothing_factor)
+        losses, outputs = per_example_cross_entropy(self, model, inputs)
         weights = torch.tensor([self._weight_of[i] for i in inputs["example_idx"].tolist()],
                                dtype=losses.dtype, device=losses.device)
         loss = (weights * losses).mean()

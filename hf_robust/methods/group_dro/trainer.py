@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...core.checkpoints import RunSetupError
+from ...core.per_example import per_example_cross_entropy
 from ...core.stages import INITIAL_STAGE, Stage
 from ...core.trainer import RobustTrainer
 from .config import GroupDROConfig
@@ -108,12 +108,7 @@ class GroupDROTrainer(RobustTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the model's own loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        model_inputs = self.model_inputs(inputs)
-        labels = model_inputs.pop("labels")
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses = F.cross_entropy(logits.float(), labels, reduction="none",
-                                 label_smoothing=self.args.label_smoothing_factor)
+        losses, outputs = per_example_cross_entropy(self, model, inputs)
         sums, counts = group_sums(losses, inputs["group"], self.num_groups)
         global_sums, global_counts = sums.detach(), counts
         if self.args.world_size > 1:  # the global batch's group losses, on every process

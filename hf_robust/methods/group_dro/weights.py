@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...data.core import DataValidationError
+from ...data.core import require_train_groups
 
 
 def group_sums(losses: torch.Tensor, groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,28 +41,6 @@ def initial_weights(counts: np.ndarray) -> torch.Tensor:
 
 def train_group_counts(dataset, method: str, alternative: str) -> tuple[np.ndarray, list[str]]:
     """(training size of each group, group names) of a training split, or a `DataValidationError` (raised before any
-    training) when it has no usable group labels: a group column missing, an unknown group (-1) on some example,
-    or a single group. `alternative` names what to use instead."""
-    how = ("add the spurious attribute (hf_robust.data.as_group_dataset(..., attribute_column=...); the main job: "
-           f"--attribute_column), or {alternative}")
-    if dataset is None:
-        raise DataValidationError(f"{method} needs a train_dataset with the group of every example.")
-    if "group" not in dataset.column_names:
-        raise DataValidationError(f"{method} trains with the group of every training example, but the train split "
-                                  f"has no `group` column: {how}.")
-    groups = np.asarray(dataset["group"], dtype=np.int64)
-    if (groups < 0).any():
-        raise DataValidationError(
-            f"{method} trains with the group of every training example, but {int((groups < 0).sum())} of the "
-            f"{len(groups)} training examples have an unknown group (-1): {how}."
-        )
-    feature = dataset.features["group"]
-    names = list(getattr(feature, "names", None) or [str(g) for g in range(int(groups.max(initial=-1)) + 1)])
-    counts = np.bincount(groups, minlength=len(names))
-    if (counts > 0).sum() < 2:
-        raise DataValidationError(
-            f"{method} balances groups, but the train split has {int((counts > 0).sum())} group with examples "
-            f"({dict(zip(names, counts.tolist()))}): it needs at least two. Check the attribute column, or "
-            f"{alternative}."
-        )
+    training) when it has no usable group labels (`hf_robust.data.core.require_train_groups`)."""
+    _, counts, names = require_train_groups(dataset, method, alternative)
     return counts, names
