@@ -585,3 +585,24 @@ def test_no_generalising_neuron_is_refused_at_injection():
     assert fair_dropout_modules(model) is None
     with pytest.raises(ValueError, match="rounds to 0 generalising"):  # the layer itself, where C is only known then
         fair_dropout(torch.randn(3, 5), None, p_gen=0.05, p_mem=0.5, training=False, layout="features")
+
+
+def test_selection_erm_candidate_is_the_erm_model(tmp_path, small_digits):
+    """"FairDropout with p_gen = 1 is ERM": the selection's first candidate (the health check's reference) trains
+    bit for bit the model a plain ERM run of the same seed and recipe trains, so a FairDropout run compares itself
+    with plain ERM, not with another draw of it."""
+    from safetensors.torch import load_file
+
+    erm = make_trainer("erm", "timm_wrapper_resnet", small_digits, tmp_path / "erm")
+    initial = {k: v.detach().clone() for k, v in erm.model.state_dict().items()}
+    erm.train()
+    fd = make_trainer("fairdropout", "timm_wrapper_resnet", small_digits, tmp_path / "fd", p_gen=None, p_mem=None,
+                      fairdropout_selection="auto", fair_dropout_positions=["dp3"], selection_p_gen=[0.5],
+                      selection_p_mem=[0.1])
+    fd.train()
+    assert [c["knobs"]["p_gen"] for c in fd.selection["candidates"]] == [1.0, 0.5]
+    candidate = load_file(str(fd.candidate_folder(fd.stage_dir(fd.SELECT_STAGE), 0) / "model.safetensors"))
+    trained = erm.model.state_dict()
+    assert set(trained) <= set(candidate)
+    assert any(not torch.equal(initial[k], trained[k]) for k in trained)  # ERM did train
+    assert all(torch.equal(candidate[k], trained[k]) for k in trained)
