@@ -606,3 +606,6 @@ def test_selection_erm_candidate_is_the_erm_model(tmp_path, small_digits):
     assert set(trained) <= set(candidate)
     assert any(not torch.equal(initial[k], trained[k]) for k in trained)  # ERM did train
     assert all(torch.equal(candidate[k], trained[k]) for k in trained)
+    # and the run reports it as "ERM", with plain ERM's numbers on every eval split
+    reported, plain = fd.results()["stages"]["ERM"], erm.results()["splits"]
+    assert set(reported) >= set(plain) and all(reported[s] == plain[s] for s in plain)

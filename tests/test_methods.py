@@ -109,11 +109,11 @@ def expected(method: str, config: dict) -> dict:
         return dict(stages=["erm", *last_layer], reported={"ERM"}, reference="ERM")
     if method == "fairdropout":  # the model as given is the reference, saved as the stage `initial`
         if fd_selects:
-            return dict(stages=["select_fair_dropout", "fairdropout"], reported=set(), reference="ERM (p_gen = 1)")
+            return dict(stages=["select_fair_dropout", "fairdropout"], reported={"ERM"}, reference="ERM (p_gen = 1)")
         return dict(stages=["initial", "fairdropout"], reported=set(), reference="the model as given")
     if method == "fairdropout_dfr":
         return dict(stages=["select_fair_dropout"] * fd_selects + ["fairdropout", *last_layer],
-                    reported={"FairDropout"}, reference="FairDropout")
+                    reported={"ERM", "FairDropout"} if fd_selects else {"FairDropout"}, reference="FairDropout")
     if method == "counterfactual":
         vanilla = config.get("compare_vanilla", False)
         reported = {"Zero-shot", "Vanilla FT"} if vanilla else {"Zero-shot"}

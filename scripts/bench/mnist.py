@@ -8,7 +8,8 @@ pointed at by `HF_ROBUST_DATA=<root>` or `--data_path`); without one it says so 
 
 Each row runs the main job (scripts/train.py, its `biased_mnist` defaults: the CPU recipe, or `--config
 scripts/recipes/biased_mnist_paper.yaml` through `--recipe paper`) once per training seed (the dataset itself is
-fixed: seed 0) and writes `reproductions.biased_mnist.<row>` into the results file (scripts/benchmark_results.json
+fixed: seed 0) and writes `reproductions.biased_mnist.<row>` (the paper recipe: `reproductions.biased_mnist_paper_recipe.<row>`,
+so that neither recipe's rows overwrite the other's) into the results file (scripts/benchmark_results.json
 by default; rows not run keep their entries): `test_biased_accuracy`, `test_biased_worst_group`,
 `test_original_accuracy` (each `{"mean", "std", "per_seed"}`, fractions), `seconds` (wall clock per run), and
 `paper` (the paper's mean and std, as fractions, with the table they come from; null where the paper has none).
@@ -36,6 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent  # scripts/
 sys.path.insert(0, str(HERE))  # run as a script: `bench` importable
 RESULTS = HERE / "benchmark_results.json"
+# the results file's table of each recipe (`--recipe`)
+TABLE_KEYS = {"cpu": "biased_mnist", "paper": "biased_mnist_paper_recipe"}
 
 
 def _paper(biased, original, source):
@@ -278,9 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         path = Path(args.output)
         results = json.loads(path.read_text()) if path.exists() else {}
-        table = results.setdefault("reproductions", {}).setdefault("biased_mnist", {})
+        key = TABLE_KEYS[args.recipe]
+        table = results.setdefault("reproductions", {}).setdefault(key, {})
         for other in args.merge:
-            for row, entry in json.loads(Path(other).read_text())["reproductions"]["biased_mnist"].items():
+            for row, entry in json.loads(Path(other).read_text())["reproductions"].get(key, {}).items():
                 table[row] = merge_entries(table[row], entry) if row in table else entry
         path.write_text(json.dumps(results, indent=2))
         print(markdown_table(table))
@@ -289,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
         table = results.get("reproductions", {}).get("biased_mnist", {})
         print(markdown_table(table))
+        paper_recipe = results.get("reproductions", {}).get(TABLE_KEYS["paper"])
+        if paper_recipe:
+            print(f"\nThe paper's recipe (--recipe paper, `reproductions.{TABLE_KEYS['paper']}`):\n")
+            print(markdown_table(paper_recipe))
         if "masktune" in table and table["masktune"].get("selective"):
             print(f"\nSelective classification (`masktune` row, {len(table['masktune']['selective'])} seeds, "
                   "thresholds calibrated on validation):\n")
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                     derived["selection"] = entry["selection"]
                 entries[name] = derived
         results = json.loads(path.read_text()) if path.exists() else {}
-        table = results.setdefault("reproductions", {}).setdefault("biased_mnist", {})
+        table = results.setdefault("reproductions", {}).setdefault(TABLE_KEYS[args.recipe], {})
         for name, value in entries.items():
             value["recipe"] = args.recipe
             value["paper"] = PAPER.get(name)

@@ -106,7 +106,7 @@ def run_rows(rows: list[str], seeds: list[int], path: Path, log=print) -> None:
     train = train_script()
     for seed in seeds:
         with tempfile.TemporaryDirectory(prefix="bench_text_") as tmp:
-            outputs, erm = {}, None
+            outputs = {}
             for row in rows:
                 method, extra = ROWS[row]
                 start_from = outputs.get(STARTS_FROM.get(row))
@@ -118,14 +118,9 @@ def run_rows(rows: list[str], seeds: list[int], path: Path, log=print) -> None:
                     f"{' '.join(extra)}", flush=True)
                 results, seconds = _run(train, method, DATASET, seed, out, *extra)
                 outputs[row] = out
-                if row == "erm":
-                    erm = results
-                erm_record = None
-                if method == "fairdropout" and erm is None:  # its reference: the erm row's run of this seed
-                    recorded = json.loads(path.read_text()) if path.exists() else {}
-                    erm_runs = recorded.get("reproductions", {}).get(DATASET, {}).get("erm", {}).get("runs", [])
-                    erm_record = next((r for r in erm_runs if r["seed"] == seed), None)
-                run = _record(method, results, erm if method == "fairdropout" else None, seconds, erm_record)
+                # the reference: the run's own stage (ERM; FairDropout's ERM candidate, bit for bit the erm row's
+                # model; the FairDropout model for FairDropout-DFR)
+                run = _record(method, results, None, seconds)
                 command = f"scripts/train.py --method {method} --dataset {DATASET} {' '.join(ROWS[row][1])}".strip()
                 if row in STARTS_FROM:
                     command += f" (--erm_checkpoint: the {STARTS_FROM[row]} row's model when run in the same process)"

@@ -5,7 +5,8 @@
   so what only a few examples need — the minority groups' atypical examples — gets memorised by neurons that
   evaluation drops. Stages: `select` (when p_gen / p_mem are unset: ERM and the FairDropout candidates — positions x
   (p_gen, p_mem) pairs — trained from the same initial weights, chosen on validation worst-class accuracy, labels
-  only) -> `fairdropout`. Saves the model with `fair_dropout_config.json` (reload with
+  only; the ERM candidate, bit for bit plain ERM of the same seed and recipe, is reported as "ERM" on every eval
+  split) -> `fairdropout`. Saves the model with `fair_dropout_config.json` (reload with
   `load_fair_dropout`) and, in `exported/`, the stock model with the evaluation-time masks folded in.
 - `FairDropoutDFRTrainer`: the same, then DFR's last-layer retraining (the component of
   `hf_robust.methods.last_layer.retraining`, shared with GradTune and DFR, with DFR's rule
@@ -186,6 +187,12 @@ class FairDropoutTrainer(RobustTrainer):
 
         self.selection = self.run_candidates(stage_dir, self.selection_grid(), train, resume)
         self.save_stage_json(stage_dir, "selection", self.selection)
+        # the ERM candidate (p_gen = 1: bit for bit plain ERM of this seed and recipe) on every eval split, reported
+        # as "ERM" beside the run's result, as the methods with an ERM stage report theirs
+        model = self.accelerator.unwrap_model(self.model)
+        self.use_candidate(model, self.selection["candidates"][0]["knobs"])
+        self.load_model_state(self.candidate_folder(stage_dir, 0))
+        self.evaluate_stage("ERM", stage_dir)
         self._apply_selection()
 
     def _load_initial(self, folder: Path) -> None:
@@ -202,6 +209,7 @@ class FairDropoutTrainer(RobustTrainer):
 
     def _load_select_knobs(self, stage_dir: Path) -> None:
         self.selection = self.load_stage_json(stage_dir, "selection")
+        self.load_stage_results(stage_dir)
         self._apply_selection()
 
     def _apply_selection(self) -> None:
