@@ -381,3 +381,21 @@ def test_bench_mnist_summary_and_table():
     assert merged["test_biased_accuracy"]["std"] == pytest.approx(0.02)
     with pytest.raises(ValueError, match="Both entries have seeds"):
         bench.merge_entries(merged, other)
+
+
+def test_bench_two_squares_checks_its_input_before_training(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    monkeypatch.setenv("HF_ROBUST_DATA", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("bench_two_squares", REPO / "scripts" / "bench" / "mnist_two_squares.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match="expected some of"):
+        bench.main(["--variants", "nope", "--work_dir", str(tmp_path / "work")])
+    output = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--seeds", "0", "--work_dir", str(tmp_path / "work"), "--output", str(output)])
+    assert exit_info.value.code == 2 and not output.exists() and not (tmp_path / "work").exists()
+    assert "no local copy" in capsys.readouterr().err
