@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -122,20 +123,27 @@ def trainer_class():
     return AuthorsFinetuning
 
 
+@functools.lru_cache(maxsize=2)
+def _test_original(data_path: str | None):
+    """The `test_original` digits (uint8 N x 28 x 28 x 3) and labels, decoded once per process."""
+    import numpy as np
+
+    from hf_robust.data import load_benchmark
+
+    split = load_benchmark("biased_mnist", num_squares=2, path=data_path)["test_original"]
+    return np.stack([np.asarray(image.convert("RGB")) for image in split["image"]]), np.asarray(split["label"])
+
+
 def square_probe(model_folder: Path, weights: Path | None, data_path: str | None) -> dict:
     """Accuracy (%) of a saved model on the `test_original` digits of each class with no square, the red square
     (top-left), the blue one (top-right) or both pasted in, as the benchmark draws them."""
-    import numpy as np
     import torch
     from safetensors.torch import load_model
     from transformers import AutoModelForImageClassification
 
     import hf_robust.models.mnist_cnn  # noqa: F401  (registers the preset)
-    from hf_robust.data import load_benchmark
 
-    split = load_benchmark("biased_mnist", num_squares=2, path=data_path)["test_original"]
-    images = np.stack([np.asarray(image.convert("RGB")) for image in split["image"]])
-    labels = np.asarray(split["label"])
+    images, labels = _test_original(data_path)
     model = AutoModelForImageClassification.from_pretrained(str(model_folder))
     if weights is not None:
         load_model(model, str(weights))
