@@ -324,6 +324,7 @@ DISTRIBUTED_CHECKS = {
     "counterfactual": ("method_distributed.py", ["counterfactual"]),
     "gradtune": ("method_distributed.py", ["gradtune"]),
     "masktune": ("method_distributed.py", ["masktune"]),
+    "masktune_authors": ("method_distributed.py", ["masktune_authors"]),
     "group_dro": ("method_distributed.py", ["group_dro"]),
     "jtt": ("method_distributed.py", ["jtt"]),
     "reweight": ("method_distributed.py", ["reweight"]),

@@ -2,6 +2,7 @@
 resume, determinism, text masking, selective classification, bad inputs. What every method's run must do (stages,
 report, resume, reload, N processes) is tested by tests/test_methods.py on the same runs."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -357,6 +358,131 @@ def test_masktune_bad_inputs(tmp_path, small_digits, text_data, tokenizer):
                         train_dataset=small_digits["train"])
     with pytest.raises(ValueError, match="masktune_iterations=0"):
         method_config("masktune", tmp_path / "mt", masktune_iterations=0)
+    # the authors' fine-tuning options, refused before any training where the run cannot honour them
+    with pytest.raises(ValueError, match="mask_erm_model='best'"):
+        method_config("masktune", tmp_path / "mt", mask_erm_model="best")
+    model, _ = make_model("timm_wrapper_resnet")
+    model.save_pretrained(tmp_path / "erm_model")  # a saved model, no optimizer.pt
+    for options, message in (
+        (dict(mask_erm_model="best_validation_accuracy", erm_checkpoint=str(tmp_path / "erm_model")),
+         "picks an epoch of the ERM stage's training"),
+        (dict(finetune_continue_optimizer=True, erm_checkpoint=str(tmp_path / "erm_model")),
+         "has no optimizer.pt: pass a Trainer checkpoint folder"),
+        (dict(mask_erm_model="best_validation_accuracy", health_split="dev"), "on the 'dev' eval split"),
+    ):
+        with pytest.raises(DataValidationError, match=message):
+            make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "refused", **options)
+        assert not any(path.is_file() for path in (tmp_path / "refused").rglob("*"))  # nothing written
+
+
+def _optimizer_states(monkeypatch):
+    """Spy on MaskTuneTrainer.create_optimizer: (stage folder name, learning rates, a copy of the per-parameter
+    state) of every optimizer a run creates, as created (before its first step)."""
+    created = []
+    original = MaskTuneTrainer.create_optimizer
+
+    def spy(self, *args, **kwargs):
+        optimizer = original(self, *args, **kwargs)
+        raw = getattr(optimizer, "optimizer", optimizer)
+        state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for i, s in raw.state_dict()["state"].items()}
+        created.append((Path(self.args.output_dir).name, {g["lr"] for g in raw.param_groups}, state))
+        return optimizer
+
+    monkeypatch.setattr(MaskTuneTrainer, "create_optimizer", spy)
+    return created
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[i].keys() == b[i].keys() and all(torch.equal(torch.as_tensor(a[i][k]), torch.as_tensor(b[i][k])) for k in a[i])
+        for i in a)
+
+
+def test_finetune_continues_the_optimizer_state_and_resumes_with_it(tmp_path, small_digits, monkeypatch):
+    """finetune_continue_optimizer: round 1 starts from the ERM stage's last SGD state, round 2 from round 1's,
+    each at the fine-tuning's own learning rate; a run interrupted before round 2 resumes with round 1's saved
+    state and ends with the uninterrupted run's weights."""
+    options = dict(finetune_learning_rate=3e-4, mask_threshold_std=1.0, masktune_iterations=2, optim="sgd",
+                   optim_args="momentum=0.9", finetune_continue_optimizer=True)
+    created = _optimizer_states(monkeypatch)
+    full = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "full", **options)
+    full.train()
+    stages = Path(full.args.output_dir) / "stages"
+    saved = {name: torch.load(stages / name / "optimizer_state.pt", weights_only=True)
+             for name in ("erm", "finetune_1", "finetune_2")}
+    assert [name for name, _, _ in created] == ["erm", "finetune_1", "finetune_2"]
+    assert created[0][2] == {}  # ERM: a fresh optimizer
+    assert created[1][1] == created[2][1] == {3e-4}  # the fine-tuning's learning rate, not ERM's 1e-3
+    assert saved["erm"]["state"] and _same_state(created[1][2], saved["erm"]["state"])
+    assert _same_state(created[2][2], saved["finetune_1"]["state"])
+    assert not _same_state(saved["finetune_1"]["state"], saved["erm"]["state"])  # round 1 moved the momentum
+
+    monkeypatch.undo()
+    original = MaskTuneTrainer._run_finetune
+
+    def stop_before_round_2(self, iteration, stage_dir, resume):
+        if iteration == 2:
+            raise KeyboardInterrupt
+        original(self, iteration, stage_dir, resume)
+
+    monkeypatch.setattr(MaskTuneTrainer, "_run_finetune", stop_before_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "cut", **options).train()
+    monkeypatch.undo()
+    created = _optimizer_states(monkeypatch)
+    resumed = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "cut", **options)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.skipped_stages == ["erm", "masks_1", "finetune_1", "masks_2"]
+    assert [name for name, _, _ in created] == ["finetune_2"] and _same_state(created[0][2], saved["finetune_1"]["state"])
+    final, again = (t.accelerator.unwrap_model(t.model).state_dict() for t in (full, resumed))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_round_one_masks_come_from_the_best_validation_epoch(tmp_path, small_digits, monkeypatch):
+    """mask_erm_model='best_validation_accuracy': each ERM epoch is scored on validation (labels only; the first
+    of equal scores wins), the best epoch's weights make the round-1 masks, the last epoch's are fine-tuned, and
+    the scoring leaves the ERM training as it would be without it."""
+    from transformers import TrainerCallback
+
+    epochs = []
+
+    class Keep(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            if Path(args.output_dir).name == "erm":
+                epochs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    scripted = iter([0.5, 0.75, 0.75])  # epoch 2 is the best: epoch 3 only ties it
+    real = MaskTuneTrainer.validation_summary
+
+    def scored(self, *args, **kwargs):
+        summary = real(self, *args, **kwargs)  # run as it would (its DataLoader draws a seed), report a script
+        if self.current_stage == "erm":
+            summary = {**summary, "accuracy": next(scripted)}
+        return summary
+
+    monkeypatch.setattr(MaskTuneTrainer, "validation_summary", scored)
+    options = dict(finetune_learning_rate=3e-4, mask_threshold_std=1.0, num_train_epochs=3)
+    trainer = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "best",
+                           mask_erm_model="best_validation_accuracy", trainer_kwargs={"callbacks": [Keep()]}, **options)
+    trainer.train()
+    assert len(epochs) == 3
+    record = trainer.results()["erm_mask_model"]  # results.json's entry
+    assert record["validation_accuracy"] == {"1": 0.5, "2": 0.75, "3": 0.75} and record["best_epoch"] == 2
+    erm = trainer.erm_model()
+    assert all(torch.equal(erm.state_dict()[k], epochs[2][k]) for k in epochs[2])  # ERM stage = the last epoch
+    best = copy.deepcopy(erm)
+    best.load_state_dict(epochs[1])
+    rows = [small_digits["train"][i] for i in range(16)]
+    batch = trainer.eval_collator(rows)
+    expected = image_masks(best, get_adapter(best), batch["pixel_values"], k=1.0)
+    assert torch.equal(trainer.masks[batch["example_idx"]], expected)
+    assert not torch.equal(expected, image_masks(erm, get_adapter(erm), batch["pixel_values"], k=1.0))
+    # the same ERM stage as a run that scores no epoch
+    monkeypatch.undo()
+    plain = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "plain", **options)
+    plain.train()
+    assert all(torch.equal(plain.erm_model().state_dict()[k], v) for k, v in erm.state_dict().items())
 
 
 def test_masktune_from_erm_checkpoint(tmp_path, small_digits):
@@ -426,6 +552,25 @@ def test_two_processes_compute_the_masks_of_one(distributed_checks):
     assert two["masks"] == one["masks"]  # bit-identical
     # stated tolerance: the fine-tuning epoch sees the same 32 examples per step (2 x 16 against 1 x 32), so the
     # weights agree up to float reassociation in the gradient all-reduce
+    assert two["weights_sum"] == pytest.approx(one["weights_sum"], rel=1e-3)
+
+
+def test_two_processes_run_the_authors_options_as_one(distributed_checks):
+    """tests/scripts/method_distributed.py masktune_authors: the ERM epochs scored on the gathered validation
+    predictions, round-1 masks from the same best epoch, the SGD state carried from stage to stage, 2 processes as
+    1. Stated tolerances: ERM trains on the same 32 examples per step (2 x 16 against 1 x 32), so the weights, the
+    momentum buffers and the CAMs agree up to float reassociation in the gradient all-reduce."""
+    one, two = distributed_checks["masktune_authors"]
+    assert set(one["erm_epochs"]["validation_accuracy"]) == {"1", "2"}
+    assert two["erm_epochs"]["best_epoch"] == one["erm_epochs"]["best_epoch"]
+    for epoch, accuracy in one["erm_epochs"]["validation_accuracy"].items():
+        assert two["erm_epochs"]["validation_accuracy"][epoch] == pytest.approx(accuracy, abs=1 / 48 + 1e-9)
+    for round_ in ("1", "2"):
+        a, b = np.array(one["masks"][round_]), np.array(two["masks"][round_])
+        assert a.shape == b.shape == (64 * 32 * 32,) and a.sum() > 0
+        assert (a == b).mean() >= 0.99
+    for stage, (total, size) in one["momentum"].items():
+        assert size > 0 and two["momentum"][stage][0] == pytest.approx(total, abs=1e-5 * size)
     assert two["weights_sum"] == pytest.approx(one["weights_sum"], rel=1e-3)
 
 

@@ -8,8 +8,9 @@ pointed at by `HF_ROBUST_DATA=<root>` or `--data_path`); without one it says so 
 
 Each row runs the main job (scripts/train.py, its `biased_mnist` defaults: the CPU recipe, or `--config
 scripts/recipes/biased_mnist_paper.yaml` through `--recipe paper`) once per training seed (the dataset itself is
-fixed: seed 0) and writes `reproductions.biased_mnist.<row>` (the paper recipe: `reproductions.biased_mnist_paper_recipe.<row>`,
-so that neither recipe's rows overwrite the other's) into the results file (scripts/benchmark_results.json
+fixed: seed 0) and writes `reproductions.biased_mnist.<row>` (the paper recipe: `reproductions.biased_mnist_paper_recipe.<row>`;
+`--recipe authors`, the CPU recipe with the authors' fine-tuning details (AUTHORS_FINETUNING):
+`reproductions.biased_mnist_authors_finetuning.<row>`; so that no recipe's rows overwrite another's) into the results file (scripts/benchmark_results.json
 by default; rows not run keep their entries): `test_biased_accuracy`, `test_biased_worst_group`,
 `test_original_accuracy` (each `{"mean", "std", "per_seed"}`, fractions), `seconds` (wall clock per run), and
 `paper` (the paper's mean and std, as fractions, with the table they come from; null where the paper has none).
@@ -38,7 +39,12 @@ HERE = Path(__file__).resolve().parent.parent  # scripts/
 sys.path.insert(0, str(HERE))  # run as a script: `bench` importable
 RESULTS = HERE / "benchmark_results.json"
 # the results file's table of each recipe (`--recipe`)
-TABLE_KEYS = {"cpu": "biased_mnist", "paper": "biased_mnist_paper_recipe"}
+TABLE_KEYS = {"cpu": "biased_mnist", "paper": "biased_mnist_paper_recipe", "authors": "biased_mnist_authors_finetuning"}
+# `--recipe authors`: the CPU recipe with the authors' fine-tuning (aliasgharkhani/Masktune, `src/methods/base_method.py`):
+# BatchNorm statistics re-estimated, the SGD state of the training before each fine-tuning continued, round-1 masks
+# from the ERM epoch of best validation accuracy
+AUTHORS_FINETUNING = ["--finetune_freeze_norm_statistics", "false", "--finetune_continue_optimizer", "true",
+                      "--mask_erm_model", "best_validation_accuracy"]
 
 
 def _paper(biased, original, source):
@@ -195,6 +201,8 @@ def run_row(row: str, seeds: list[int], recipe: list[str], data_path: str | None
         from bench.common import inference_summary
 
         entry["group_inference"] = [inference_summary(run) for run in runs]
+    if "erm_mask_model" in runs[0]:  # mask_erm_model="best_validation_accuracy": each ERM epoch's score, the best
+        entry["erm_mask_model"] = [run["erm_mask_model"] for run in runs]
     if "selection" in runs[0]:  # the knobs each seed's label-free selection chose
         entry["selection"] = [{"chosen_knobs": run["selection"]["chosen_knobs"],
                                "method_helped": run["selection"]["method_helped"]} for run in runs]
@@ -211,7 +219,7 @@ def merge_entries(first: dict, second: dict) -> dict:
         if isinstance(value, dict) and "per_seed" in value and isinstance(second.get(key), dict):
             values = value["per_seed"] + second[key]["per_seed"]
             merged[key] = _stats(values) if "std" in value else {"mean": statistics.mean(values), "per_seed": values}
-    for key in ("selective", "health", "selection", "group_inference"):
+    for key in ("selective", "health", "selection", "group_inference", "erm_mask_model"):
         if key in first and key in second:
             merged[key] = first[key] + second[key]
     return merged
@@ -269,8 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="masktune,erm", help=f"comma-separated, from {list(ROWS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    parser.add_argument("--recipe", choices=("cpu", "paper"), default="cpu",
-                        help="cpu: scripts/train.py's biased_mnist defaults; paper: scripts/recipes/biased_mnist_paper.yaml")
+    parser.add_argument("--recipe", choices=tuple(TABLE_KEYS), default="cpu",
+                        help="cpu: scripts/train.py's biased_mnist defaults; paper: scripts/recipes/biased_mnist_paper.yaml; "
+                             "authors: cpu with the authors' fine-tuning details (BatchNorm re-estimated, SGD state "
+                             "continued, round-1 masks from the best-validation ERM epoch)")
     parser.add_argument("--data_path", default=None, help="local copy of ylecun/mnist (else HF_ROBUST_DATA / the Hub)")
     parser.add_argument("--output", default=str(RESULTS), help="results file, updated in place (row by row)")
     parser.add_argument("--table", action="store_true", help="print the README table of the results file and exit")
@@ -293,10 +303,12 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
         table = results.get("reproductions", {}).get("biased_mnist", {})
         print(markdown_table(table))
-        paper_recipe = results.get("reproductions", {}).get(TABLE_KEYS["paper"])
-        if paper_recipe:
-            print(f"\nThe paper's recipe (--recipe paper, `reproductions.{TABLE_KEYS['paper']}`):\n")
-            print(markdown_table(paper_recipe))
+        for recipe, what in (("paper", "The paper's recipe"),
+                             ("authors", "The CPU recipe with the authors' fine-tuning details")):
+            other = results.get("reproductions", {}).get(TABLE_KEYS[recipe])
+            if other:
+                print(f"\n{what} (--recipe {recipe}, `reproductions.{TABLE_KEYS[recipe]}`):\n")
+                print(markdown_table(other))
         if "masktune" in table and table["masktune"].get("selective"):
             print(f"\nSelective classification (`masktune` row, {len(table['masktune']['selective'])} seeds, "
                   "thresholds calibrated on validation):\n")
@@ -310,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --rows {unknown}: expected rows from {list(ROWS)}.")
     seeds = [int(s) for s in args.seeds.split(",")]
     check_data(args.data_path)
-    recipe = ["--config", str(HERE / "recipes" / "biased_mnist_paper.yaml")] if args.recipe == "paper" else []
+    recipe = {"paper": ["--config", str(HERE / "recipes" / "biased_mnist_paper.yaml")],
+              "authors": AUTHORS_FINETUNING}.get(args.recipe, [])
     path = Path(args.output)
     for row in rows:
         if row in DERIVED and DERIVED[row][0] in rows:

@@ -15,8 +15,9 @@ epoch at ERM's final learning rate (0.01):
   the first maximum, as their strict `>` keeps it).
 
 The `bn` and `authors` runs start from the `control` run's ERM model (`--erm_checkpoint`), so the three differ
-only in the fine-tuning. The two authors' details that hf_robust does not offer as options are added here by a
-subclass of `MaskTuneTrainer` (`AuthorsFinetuning`). Each run also gets a square probe: the accuracy of its ERM
+only in the fine-tuning. The two authors' details were added here by a subclass of `MaskTuneTrainer`
+(`AuthorsFinetuning`) before they became MaskTune options (`finetune_continue_optimizer`, `mask_erm_model`; full
+runs with them: `scripts/bench/mnist.py --recipe authors`, which reproduce this script's `authors` runs). Each run also gets a square probe: the accuracy of its ERM
 and final models on the `test_original` digits with no square, the red one only, the blue one only and both
 pasted in (the 5-9 with a square are the failing group of `test_biased`), which shows which square each model
 reads.

@@ -15,6 +15,7 @@ What each check writes (the tests: tests/test_distributed.py for ERM, tests/test
 - erm: the metrics of a fixed model, a distributed per-example pass, a short training run of a tiny ViT (no
   BatchNorm, so N processes can match 1 closely): parameters, losses, metrics;
 - masktune: the gathered masks (as stored, by example_idx) and the fine-tuned weights' sum;
+- masktune_authors: the authors' fine-tuning options (ERM epochs scored, best-epoch masks, SGD state carried);
 - gradtune: the gathered scores, the held-out split, the selection and the fine-tuned head;
 - fairdropout: the mask every example got at every step it was seen (gathered from all processes), the logged
   losses, the final parameters, the evaluation, and a label-free selection of the knobs;
@@ -41,6 +42,7 @@ from conftest import make_model  # noqa: E402
 
 from hf_robust.data import load_benchmark  # noqa: E402
 from hf_robust.methods import RobustConfig, RobustTrainer  # noqa: E402
+from hf_robust.methods.masktune.masks import MaskStore  # noqa: E402
 from hf_robust.methods.registry import get_method  # noqa: E402
 
 GLOBAL_BATCH = 32
@@ -124,6 +126,32 @@ def run_erm(method, data, work_dir, world, erm_dir) -> Run:
         "params": flat(trainer.accelerator.unwrap_model(trainer.model).parameters()).tolist(),
         "train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     })
+
+
+def run_masktune_authors(method, data, work_dir, world, erm_dir) -> Run:
+    """MaskTune with the authors' fine-tuning options: its own 2-epoch ERM stage scored epoch by epoch, round-1 masks
+    from the best epoch, each of 2 rounds continuing the SGD state of the training before it."""
+    model, _ = make_model("timm_wrapper_resnet", seed=0)
+    args = config("masktune", work_dir, num_train_epochs=2, learning_rate=1e-2, optim="sgd", optim_args="momentum=0.9",
+                  per_device_train_batch_size=GLOBAL_BATCH // world, per_device_eval_batch_size=16, logging_steps=100,
+                  finetune_learning_rate=1e-3, mask_threshold_std=1.0, masktune_selection="off", masktune_iterations=2,
+                  finetune_continue_optimizer=True, mask_erm_model="best_validation_accuracy")
+    trainer = trainer_class("masktune")(model, args, train_dataset=data["train"],
+                                        eval_dataset={"validation": data["validation"]})
+    trainer.train()
+    stages = Path(work_dir) / "stages"
+    masks = {}
+    for round_ in (1, 2):  # by example_idx
+        store = MaskStore.from_state_dict(trainer.load_stage_tensors(stages / f"masks_{round_}", "masks"))
+        masks[str(round_)] = store.masks()[torch.argsort(store.example_idx)].flatten().int().tolist()
+    momentum = {}
+    for stage in ("erm", "finetune_1", "finetune_2"):
+        buffers = [s["momentum_buffer"].double() for s in torch.load(stages / stage / "optimizer_state.pt",
+                                                                     weights_only=True)["state"].values()]
+        momentum[stage] = [sum(float(b.sum()) for b in buffers), sum(float(b.abs().sum()) for b in buffers)]
+    weights = sum(p.detach().double().sum() for p in trainer.accelerator.unwrap_model(trainer.model).parameters())
+    return Run(trainer, {"erm_epochs": trainer.erm_epochs, "masks": masks, "momentum": momentum,
+                        "weights_sum": float(weights)})
 
 
 def run_masktune(method, data, work_dir, world, erm_dir) -> Run:
@@ -295,6 +323,7 @@ CHECKS: dict[str, Check] = {
                  run_erm),
     "masktune": Check({"train": (0, range(203)), "validation": (1, range(64))}, run_masktune,
                       erm_family="timm_wrapper_resnet", common=dict(per_device_eval_batch_size=16, logging_steps=100)),
+    "masktune_authors": Check({"train": (0, range(64)), "validation": (1, range(48))}, run_masktune_authors),
     "gradtune": Check({"train": (0, range(256)), "validation": (1, range(101))}, run_gradtune, erm_family="hf_vit",
                       common=dict(per_device_eval_batch_size=8, logging_steps=100)),
     "fairdropout": Check({"train": (0, range(64)), "validation": (1, range(61))}, run_fairdropout),

@@ -5,6 +5,8 @@ from typing import ClassVar
 
 from ...core.config import ErmCheckpointArguments, RobustConfig
 
+MASK_ERM_MODELS = ("last", "best_validation_accuracy")
+
 
 @dataclass
 class MaskTuneConfig(ErmCheckpointArguments, RobustConfig):
@@ -48,6 +50,18 @@ class MaskTuneConfig(ErmCheckpointArguments, RobustConfig):
             final learning rate; if ERM's schedule ends at 0 (linear/cosine), a tenth of `learning_rate`.
         finetune_batch_size (`int` or `None`, *optional*):
             Per-device batch size of the fine-tuning epoch. Default: `per_device_train_batch_size`.
+        finetune_continue_optimizer (`bool`, *optional*, defaults to `False`):
+            Start each fine-tuning with the optimizer state (e.g. SGD momentum buffers) of the training it follows:
+            round 1 (and every selection candidate) the ERM stage's last step, round i + 1 round i's, as the
+            authors' code runs (aliasgharkhani/Masktune, `src/methods/base_method.py`). The learning rate and the
+            other hyper-parameters stay the fine-tuning's own. Each training stage saves its state
+            (`optimizer_state.pt`), so a resumed run continues the same state. With `erm_checkpoint`, the folder
+            must hold the `optimizer.pt` of a Trainer checkpoint. Default `False`: a fresh optimizer per stage.
+        mask_erm_model (`str`, *optional*, defaults to `"last"`):
+            The ERM model whose CAMs make the round-1 masks: `"last"` (the model that is fine-tuned) or
+            `"best_validation_accuracy"`: the ERM epoch with the best accuracy on `health_split` (labels only; the
+            first of equal ones), as the authors' code masks with its best ERM checkpoint. Needs a trained ERM stage
+            (not `erm_checkpoint`) and the `health_split` eval split; later rounds mask with the previous round.
         finetune_freeze_norm_statistics (`bool`, *optional*, defaults to `True`):
             Keep BatchNorm layers in evaluation mode during the fine-tuning: they normalise with the ERM model's
             running statistics and keep them (their affine weights still train). One epoch on masked images
@@ -105,6 +119,12 @@ class MaskTuneConfig(ErmCheckpointArguments, RobustConfig):
     finetune_batch_size: int | None = field(
         default=None, metadata={"help": "Per-device batch size of the fine-tuning (default: per_device_train_batch_size)."}
     )
+    finetune_continue_optimizer: bool = field(
+        default=False, metadata={"help": "Continue the optimizer state of the ERM stage (round 1) / previous round."}
+    )
+    mask_erm_model: str = field(
+        default="last", metadata={"help": "ERM model of the round-1 masks: 'last' or 'best_validation_accuracy'."}
+    )
     finetune_freeze_norm_statistics: bool = field(
         default=True, metadata={"help": "Keep BatchNorm running statistics of the ERM model during fine-tuning."}
     )
@@ -139,6 +159,8 @@ class MaskTuneConfig(ErmCheckpointArguments, RobustConfig):
                                              and self.random_mask_max_side < self.random_mask_min_side):
             raise ValueError(f"random_mask_min_side={self.random_mask_min_side}, random_mask_max_side="
                              f"{self.random_mask_max_side}: expected 1 <= min <= max.")
+        if self.mask_erm_model not in MASK_ERM_MODELS:
+            raise ValueError(f"mask_erm_model={self.mask_erm_model!r}: expected one of {MASK_ERM_MODELS}.")
         if self.masktune_iterations is not None and self.masktune_iterations < 1:
             raise ValueError(f"masktune_iterations={self.masktune_iterations}: expected 1 or more.")
         if self.selection_max_iterations < 1:

@@ -16,6 +16,7 @@ Stages: `erm` (or `erm_checkpoint`) [-> `select`] -> `masks_1` -> `finetune_1` [
   The per-batch mask computations and the store are in `masks`.
 - finetune: the ERM model trained for exactly one epoch on the masked training set (masked pixels black, before
   augmentation), at a small constant learning rate (default: ERM's final learning rate).
+  Two details of the authors' code are options (`finetune_continue_optimizer`, `mask_erm_model`): see `authors`.
 - selective: the ERM x MaskTune ensemble as a selective classifier (paper section 2.2), thresholds calibrated
   on validation; the softmax response of ERM as the baseline.
 
@@ -39,11 +40,13 @@ from ...data.core import DataValidationError
 from .masks import MaskStore, cam_at_input_size, image_masks, random_window_masks, token_masks
 from .selective import ensemble_response, risk_coverage_curve, selective_report, softmax_response
 from ...core.trainer import RobustTrainer, Stage
+from .authors import AuthorsFinetuning
 from .frozen_norm import frozen_norm_statistics
 from .config import MaskTuneConfig
 from .selection import candidate_grid, record_with_rounds, round_improves
 
 logger = logging.getLogger(__name__)
+
 
 
 # the paper the model card cites
@@ -60,7 +63,7 @@ PAPER = {
 }
 
 
-class MaskTuneTrainer(RobustTrainer):
+class MaskTuneTrainer(AuthorsFinetuning, RobustTrainer):
     """ERM, then MaskTune: see the module docstring. Args as [`RobustTrainer`], with a [`MaskTuneConfig`]."""
 
     _tag_names = ["hf_robust", "masktune"]
@@ -88,6 +91,7 @@ class MaskTuneTrainer(RobustTrainer):
             )
         if self.args.erm_checkpoint is not None and not Path(self.args.erm_checkpoint).is_dir():
             raise FileNotFoundError(f"erm_checkpoint={self.args.erm_checkpoint!r} is not a folder of a saved model.")
+        self._check_authors_options()
         self.masks: MaskStore | None = None
         self.finetune_learning_rate: float | None = None  # set by the erm stage (or the selection)
         self.finetune_batch_size = self.args.finetune_batch_size or self.args.per_device_train_batch_size
@@ -107,6 +111,8 @@ class MaskTuneTrainer(RobustTrainer):
         self.stopped_after: int | None = None
         self.selective_results: dict = {}
         self._erm_model = None
+        self._continue_optimizer_from: Path | None = None  # the next create_optimizer loads this folder's state
+        self.erm_epochs: dict | None = None  # mask_erm_model="best_validation_accuracy": the ERM epochs' record
 
     def required_adapter_pieces(self, input_kind: str) -> tuple[str, ...]:
         return ("cam_layer",) if input_kind == "image" else ("embedding_layer",)
@@ -134,16 +140,20 @@ class MaskTuneTrainer(RobustTrainer):
         return self.args.selection_max_iterations if self.chooses_iterations else 1
 
     def _run_erm_baseline(self, stage_dir: Path, resume: bool) -> None:
-        super()._run_erm_baseline(stage_dir, resume)
+        # (the authors' options score its epochs and keep its optimizer state: `authors`)
+        self.train_erm_with_options(stage_dir, partial(super()._run_erm_baseline, stage_dir, resume))
         # ERM's final learning rate (none when the model came from erm_checkpoint): the fine-tuning default
         trained = not self.args.erm_checkpoint and self.lr_scheduler is not None
         final_lr = float(self.lr_scheduler.get_last_lr()[0]) if trained else None
         self.finetune_learning_rate = self._choose_finetune_lr(final_lr)
-        self.save_stage_json(stage_dir, "stage_info", {"finetune_learning_rate": self.finetune_learning_rate})
+        self.save_stage_json(stage_dir, "stage_info", {"finetune_learning_rate": self.finetune_learning_rate,
+                                                       "erm_epochs": self.erm_epochs})
 
     def _load_erm_baseline(self, stage_dir: Path) -> None:
         super()._load_erm_baseline(stage_dir)
-        self.finetune_learning_rate = self.load_stage_json(stage_dir, "stage_info")["finetune_learning_rate"]
+        info = self.load_stage_json(stage_dir, "stage_info")
+        self.finetune_learning_rate = info["finetune_learning_rate"]
+        self.erm_epochs = info.get("erm_epochs")
 
     def _choose_finetune_lr(self, erm_final_lr: float | None) -> float:
         if self.args.finetune_learning_rate is not None:
@@ -171,14 +181,16 @@ class MaskTuneTrainer(RobustTrainer):
             if resume and (stage_dir / f"{name}.safetensors").is_file():
                 masks[k] = MaskStore.from_state_dict(self.load_stage_tensors(stage_dir, name))
             else:
-                masks[k] = self._compute_masks(k, None, f"Masking (k={k:g})")
+                with self._round_one_mask_weights():
+                    masks[k] = self._compute_masks(k, None, f"Masking (k={k:g})")
                 self.save_stage_tensors(stage_dir, masks[k].state_dict(), name=name)
 
         def train(knobs: dict, folder: Path, resume_candidate: bool) -> None:
             self.load_model_state(self.stage_dir("erm"))
             if knobs["finetune"]:
                 self.masks = masks[knobs["mask_threshold_std"]]
-                self._finetune(folder, resume_candidate, knobs["finetune_learning_rate"], knobs["finetune_batch_size"])
+                self._finetune(folder, resume_candidate, knobs["finetune_learning_rate"], knobs["finetune_batch_size"],
+                               continue_from=self.stage_dir("erm"))
 
         self.selection = self.run_candidates(stage_dir, grid, train, resume)
         self.save_stage_json(stage_dir, "selection", self.selection)
@@ -227,7 +239,9 @@ class MaskTuneTrainer(RobustTrainer):
             store = MaskStore.from_state_dict(self.load_stage_tensors(self.stage_dir("select"), name))
         else:
             previous = self.masks if (self.args.accumulative_masking and iteration > 1) else None
-            store = self._compute_masks(self.mask_threshold, previous, f"Masking {iteration}")
+            weights = self._round_one_mask_weights() if iteration == 1 else contextlib.nullcontext()
+            with weights:
+                store = self._compute_masks(self.mask_threshold, previous, f"Masking {iteration}")
         self.save_stage_tensors(stage_dir, store.state_dict(), name="masks")
         self.masks = store
         fraction = store.masked_fraction()
@@ -273,9 +287,13 @@ class MaskTuneTrainer(RobustTrainer):
             return
         start = time.perf_counter()
         if iteration == 1 and self.selection is not None:  # the chosen candidate, already fine-tuned
-            self.load_model_state(self.candidate_folder(self.stage_dir("select"), self.selection["chosen"]))
+            chosen = self.candidate_folder(self.stage_dir("select"), self.selection["chosen"])
+            self.load_model_state(chosen)
+            self.carry_optimizer_state(chosen, stage_dir)  # finetune_continue_optimizer: round 2 goes on from it
         else:
-            self._finetune(stage_dir, resume, self.finetune_learning_rate, self.finetune_batch_size)
+            previous = self.stage_dir("erm" if iteration == 1 else f"finetune_{iteration - 1}")
+            self._finetune(stage_dir, resume, self.finetune_learning_rate, self.finetune_batch_size,
+                           continue_from=previous)
         self.save_model_state(stage_dir)
         record = None
         if self.chooses_iterations:
@@ -338,8 +356,13 @@ class MaskTuneTrainer(RobustTrainer):
         return record_with_rounds(self.selection, self.iteration_records, self.stopped_after, knobs,
                                   self.args.health_split)
 
-    def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int) -> None:
-        """One epoch on the masked training set (`self.masks`) at a constant learning rate."""
+    def _finetune(self, stage_dir: Path, resume: bool, learning_rate: float, batch_size: int,
+                  continue_from: Path | None = None) -> None:
+        """One epoch on the masked training set (`self.masks`) at a constant learning rate; with
+        `finetune_continue_optimizer`, from the optimizer state saved in `continue_from` (and its own saved after)."""
+        continued = self.args.finetune_continue_optimizer
+        if continued:
+            self._continue_optimizer_from = continue_from
         plain = self.train_collator
         self.train_collator = plain.with_options(example_transform=self._transform(self.masks))
         freeze = self.args.finetune_freeze_norm_statistics
@@ -352,6 +375,9 @@ class MaskTuneTrainer(RobustTrainer):
                 )
         finally:
             self.train_collator = plain
+            self._continue_optimizer_from = None
+        if continued:
+            self._save_optimizer_state(stage_dir)
 
     # ------------------------------------------------------------------ selective classification
     def erm_model(self):
@@ -423,6 +449,8 @@ class MaskTuneTrainer(RobustTrainer):
         results["finetune_learning_rate"] = self.finetune_learning_rate
         results["finetune_batch_size"] = self.finetune_batch_size
         results["mask_threshold_std"] = self.mask_threshold
+        if self.erm_epochs is not None:
+            results["erm_mask_model"] = self.erm_epochs
         if self.masks is not None:
             results["masked_fraction_mean"] = float(self.masks.masked_fraction().mean())
         if self.selective_results:
@@ -467,3 +495,4 @@ class MaskTuneTrainer(RobustTrainer):
         from ...models.adapter import get_adapter
 
         return get_adapter(model, classifier=self.args.classifier_layer, target_layer=self.args.cam_target_layer)
+
