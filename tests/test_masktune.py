@@ -485,6 +485,38 @@ def test_round_one_masks_come_from_the_best_validation_epoch(tmp_path, small_dig
     assert all(torch.equal(plain.erm_model().state_dict()[k], v) for k, v in erm.state_dict().items())
 
 
+def test_best_epoch_scores_survive_an_erm_stage_resumed_midway(tmp_path, small_digits):
+    """An ERM stage killed in its third epoch resumes from its epoch-2 checkpoint with the epochs it had scored:
+    the record, the best epoch and its weights are the uninterrupted run's."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if Path(args.output_dir).name == "erm" and state.epoch >= 2:
+                raise KeyboardInterrupt("killed in epoch 3")
+
+    options = dict(finetune_learning_rate=3e-4, mask_threshold_std=1.0, num_train_epochs=3, save_strategy="epoch",
+                   mask_erm_model="best_validation_accuracy")
+    full = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "full", **options)
+    full.train()
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "cut",
+                     trainer_kwargs={"callbacks": [Kill()]}, **options).train()
+    erm = tmp_path / "cut" / "stages" / "erm"
+    assert set(json.loads((erm / "erm_epochs.json").read_text())["validation_accuracy"]) == {"1", "2"}
+    resumed = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "cut", **options)
+    resumed.train(resume_from_checkpoint=True)
+    ours, theirs = resumed.erm_epochs, full.erm_epochs
+    assert ours["best_epoch"] == theirs["best_epoch"] and set(ours["validation_accuracy"]) == {"1", "2", "3"}
+    for epoch, accuracy in theirs["validation_accuracy"].items():
+        assert ours["validation_accuracy"][epoch] == pytest.approx(accuracy, abs=1 / 96 + 1e-9)  # one example
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(folder / "stages" / "erm" / "best_epoch" / "model.safetensors"))
+            for folder in (tmp_path / "full", tmp_path / "cut"))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
 def test_masktune_from_erm_checkpoint(tmp_path, small_digits):
     model, _ = make_model("timm_wrapper_resnet", seed=3)
     model.save_pretrained(tmp_path / "erm_model")
