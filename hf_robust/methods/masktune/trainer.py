@@ -48,7 +48,6 @@ from .selection import candidate_grid, record_with_rounds, round_improves
 logger = logging.getLogger(__name__)
 
 
-
 # the paper the model card cites
 PAPER = {
     "title": "MaskTune: Mitigating Spurious Correlations by Forcing to Explore",
