@@ -515,6 +515,10 @@ def test_best_epoch_scores_survive_an_erm_stage_resumed_midway(tmp_path, small_d
     a, b = (load_file(str(folder / "stages" / "erm" / "best_epoch" / "model.safetensors"))
             for folder in (tmp_path / "full", tmp_path / "cut"))
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    # a finished ERM stage read back (every stage loaded, none re-run) keeps the record for results.json
+    again = make_trainer("masktune", "timm_wrapper_resnet", small_digits, tmp_path / "cut", **options)
+    again.train(resume_from_checkpoint=True)
+    assert "erm" in again.skipped_stages and again.results()["erm_mask_model"] == ours
 
 
 def test_masktune_from_erm_checkpoint(tmp_path, small_digits):

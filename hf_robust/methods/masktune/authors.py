@@ -70,8 +70,8 @@ class AuthorsFinetuning:
                 self.remove_callback(epochs)
         if self.args.finetune_continue_optimizer:
             checkpoint = self.args.erm_checkpoint
-            self._save_optimizer_state(stage_dir, torch.load(Path(checkpoint) / "optimizer.pt", map_location="cpu",
-                                                             weights_only=True) if checkpoint else None)
+            self._save_optimizer_state(stage_dir, read_optimizer_state(Path(checkpoint) / "optimizer.pt")
+                                       if checkpoint else None)
         if epochs is not None:
             self.erm_epochs = epochs.record()
             if not self.erm_epochs["validation_accuracy"]:
@@ -93,8 +93,7 @@ class AuthorsFinetuning:
         folder) `stage_dir`'s, for the next round to continue."""
         if self.args.finetune_continue_optimizer:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            self._save_optimizer_state(stage_dir, torch.load(source / OPTIMIZER_STATE, map_location="cpu",
-                                                             weights_only=True))
+            self._save_optimizer_state(stage_dir, read_optimizer_state(source / OPTIMIZER_STATE))
 
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer; with `finetune_continue_optimizer`, a fine-tuning's starts from the per-parameter
@@ -105,7 +104,7 @@ class AuthorsFinetuning:
         if source is None:
             return optimizer
         raw = getattr(optimizer, "optimizer", optimizer)
-        saved = torch.load(source / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+        saved = read_optimizer_state(source / OPTIMIZER_STATE)
         current = raw.state_dict()
         shapes = [len(group["params"]) for group in current["param_groups"]]
         if [len(group["params"]) for group in saved["param_groups"]] != shapes:
@@ -157,6 +156,12 @@ class AuthorsFinetuning:
         finally:
             model.load_state_dict(kept)
 
+
+
+def read_optimizer_state(path: Path) -> dict:
+    """An optimizer's `state_dict()` saved by torch.save (a stage's `optimizer_state.pt`, a Trainer checkpoint's
+    `optimizer.pt`), on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @contextlib.contextmanager

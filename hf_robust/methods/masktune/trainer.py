@@ -145,14 +145,13 @@ class MaskTuneTrainer(AuthorsFinetuning, RobustTrainer):
         trained = not self.args.erm_checkpoint and self.lr_scheduler is not None
         final_lr = float(self.lr_scheduler.get_last_lr()[0]) if trained else None
         self.finetune_learning_rate = self._choose_finetune_lr(final_lr)
-        self.save_stage_json(stage_dir, "stage_info", {"finetune_learning_rate": self.finetune_learning_rate,
-                                                       "erm_epochs": self.erm_epochs})
+        self.save_stage_json(stage_dir, "stage_info", {"finetune_learning_rate": self.finetune_learning_rate})
 
     def _load_erm_baseline(self, stage_dir: Path) -> None:
         super()._load_erm_baseline(stage_dir)
-        info = self.load_stage_json(stage_dir, "stage_info")
-        self.finetune_learning_rate = info["finetune_learning_rate"]
-        self.erm_epochs = info.get("erm_epochs")
+        self.finetune_learning_rate = self.load_stage_json(stage_dir, "stage_info")["finetune_learning_rate"]
+        if (stage_dir / "erm_epochs.json").is_file():  # mask_erm_model="best_validation_accuracy"
+            self.erm_epochs = self.load_stage_json(stage_dir, "erm_epochs")
 
     def _choose_finetune_lr(self, erm_final_lr: float | None) -> float:
         if self.args.finetune_learning_rate is not None:
