@@ -165,8 +165,14 @@ def timing_counterfactual() -> dict:
     return bench_counterfactual.step_timing()
 
 
+def timing_masktune() -> dict:
+    from bench import masktune as bench_masktune
+
+    return bench_masktune.timing()
+
+
 # methods whose speed measurements can be re-run alone (`--timing_only`), keeping the quality results on file
-TIMINGS = {"counterfactual": timing_counterfactual}
+TIMINGS = {"counterfactual": timing_counterfactual, "masktune": timing_masktune}
 
 BENCHMARKS = {"erm": benchmark_erm, "masktune": benchmark_masktune, "gradtune": benchmark_gradtune,
               "dfr": benchmark_dfr, "fairdropout": benchmark_fairdropout, "counterfactual": benchmark_counterfactual}

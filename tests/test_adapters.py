@@ -304,3 +304,29 @@ def test_wrapped_timm_models_reload_with_from_pretrained(tmp_path, caplog):
                           LoraConfig(target_modules=["conv1"], modules_to_save=["fc"], r=2))
     with pytest.raises(UnsupportedModelError, match="peft was applied to a raw timm model"):
         maybe_wrap_timm(lora)
+
+
+def test_masktune_digits_preset_keeps_a_6x6_cam_map_at_48x48(tmp_path):
+    """MaskTune's digits model: the narrow ResNet-18 with a 64-channel last stage, whose CAM layer
+    keeps a 6x6 map at its 48x48 input, and which reloads with AutoModelForImageClassification as built."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_robust.data.preprocessing import ImagePreprocessing
+    from hf_robust.models import load_model
+
+    model, _ = load_model("digits-resnet18-slim48", num_labels=2)
+    assert ImagePreprocessing.for_model(model).size == (48, 48)
+    inner = model.timm_model
+    assert inner.layer3[-1].conv2.out_channels == 64 and inner.layer4[-1].conv2.out_channels == 64
+    seen = {}
+    layer = get_adapter(model).cam_layer
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
+    with torch.no_grad():
+        model.eval()(pixel_values=torch.zeros(1, 3, 48, 48))
+    handle.remove()
+    assert tuple(seen["shape"][-3:]) == (64, 6, 6)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert again.timm_model.layer4[-1].conv2.out_channels == 64
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
