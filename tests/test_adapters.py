@@ -306,9 +306,9 @@ def test_wrapped_timm_models_reload_with_from_pretrained(tmp_path, caplog):
         maybe_wrap_timm(lora)
 
 
-def test_masktune_digits_preset_keeps_a_6x6_cam_map_at_48x48(tmp_path):
-    """MaskTune's digits model: the narrow ResNet-18 with a 64-channel last stage, whose CAM layer
-    keeps a 6x6 map at its 48x48 input, and which reloads with AutoModelForImageClassification as built."""
+def test_slim48_preset_keeps_a_6x6_cam_map_at_48x48(tmp_path):
+    """`digits-resnet18-slim48` (a cheaper MaskTune model, not the default): the narrow ResNet-18 with a 64-channel
+    last stage, whose CAM layer keeps a 6x6 map at its 48x48 input, and which reloads as built."""
     from transformers import AutoModelForImageClassification
 
     from hf_robust.data.preprocessing import ImagePreprocessing

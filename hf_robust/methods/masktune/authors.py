@@ -157,7 +157,6 @@ class AuthorsFinetuning:
             model.load_state_dict(kept)
 
 
-
 def read_optimizer_state(path: Path) -> dict:
     """An optimizer's `state_dict()` saved by torch.save (a stage's `optimizer_state.pt`, a Trainer checkpoint's
     `optimizer.pt`), on the CPU."""
