@@ -8,7 +8,10 @@ Speed, side by side in one process on the same ERM model and training set:
 - the masking pass over the training set (hf_robust: batched xGradCAM + thresholds on the device, gathered and
   packed by `example_idx`, as the `masks` stage runs it),
 - what the authors' code runs: the `grad-cam` package's XGradCAM per batch, then a per-image numpy threshold
-  (mean + k*std of the positive values) and mask, one image at a time.
+  (mean + k*std of the positive values) and mask, one image at a time;
+- a training step of the same model (ERM's batch of 128 and the fine-tuning's batch of 32) with contiguous (NCHW)
+  tensors, as every run trains, and with `torch.channels_last`: how much of the main job's time a memory-format
+  change alone could save (README, "The main job's time").
 """
 
 from __future__ import annotations
@@ -74,6 +77,37 @@ def _gradcam_package_masks(model, adapter, pixel_values, k: float):
     return np.stack(masks)
 
 
+def memory_format_steps(model_name: str, batch, repeats: int = 5, steps: int = 6) -> dict:
+    """Seconds per training step (forward, backward, AdamW) of two copies of one fresh model on one batch: contiguous
+    (NCHW) and channels_last, alternated `repeats` times; the fastest of the last steps of each turn counts."""
+    import copy
+
+    import torch
+
+    from hf_robust.models import load_model
+
+    base, _ = load_model(model_name, 2)
+    fastest = {}
+    for memory_format in ("contiguous", "channels_last") * repeats:
+        model = copy.deepcopy(base).train()
+        inputs = {key: value for key, value in batch.items() if key in ("pixel_values", "labels")}
+        if memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            model(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - start)
+        fastest[memory_format] = min([fastest.get(memory_format, float("inf"))] + times[2:])
+    return {"contiguous_step_seconds": round(fastest["contiguous"], 4),
+            "channels_last_step_seconds": round(fastest["channels_last"], 4),
+            "contiguous_over_channels_last": round(fastest["contiguous"] / fastest["channels_last"], 3)}
+
+
 def timing(seed: int = 0) -> dict:
     import torch
     import transformers
@@ -113,6 +147,10 @@ def timing(seed: int = 0) -> dict:
         import numpy as np
 
         agreement = float((np.concatenate(reference) == ours).mean())
+        memory_format = {}
+        for batch_size in (128, 32):
+            loader = torch.utils.data.DataLoader(data["train"], batch_size=batch_size, collate_fn=trainer.eval_collator)
+            memory_format[f"batch_{batch_size}"] = memory_format_steps(MODEL, next(iter(loader)))
     return {
         "model": f"{MODEL} (the MaskTune default of scripts/train.py on biased_digits)",
         "train_examples": len(data["train"]),
@@ -123,6 +161,8 @@ def timing(seed: int = 0) -> dict:
         "gradcam_package_pipeline_seconds": round(package, 2),
         "gradcam_package_over_masking_pass": round(package / masking, 2),
         "mask_pixel_agreement_with_gradcam_package": round(agreement, 5),
+        "training_step_memory_format": memory_format,
+        "torch_threads": torch.get_num_threads(),
     }
 
 
