@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 # Offline, with a throw-away HF_HOME, before anything imports huggingface_hub / datasets / transformers.
@@ -335,35 +336,99 @@ DISTRIBUTED_CHECKS = {
 NEEDS_ERM_FOLDER = ("method_distributed.py", "group_inference_distributed.py")  # scripts given a shared ERM folder
 
 
+class DistributedChecks(threading.Thread):
+    """Every check of DISTRIBUTED_CHECKS run as one process, then as two under `accelerate launch --multi_gpu` (CPU,
+    gloo; `--cpu --num_processes 2` would silently run one), in a background thread: started with the session's
+    first test (`_background`), its processes overlap the single-process tests, which keep about one of
+    two cores busy. All checks share one process (one launch): the start-up of a process is about half of a check's
+    time."""
+
+    def __init__(self, tmp: Path):
+        super().__init__(name="distributed-checks", daemon=True)
+        self.tmp, self.error, self.process, self.stopped = tmp, None, None, False
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:  # (reported by the tests that read the checks)
+            import traceback
+
+            self.error = traceback.format_exc()
+
+    def _run(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        scripts = Path(__file__).parent / "scripts"
+        for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
+            plan = []
+            for name, (script, arguments) in DISTRIBUTED_CHECKS.items():
+                folder = self.tmp / name
+                folder.mkdir(exist_ok=True)
+                outputs = [str(folder / f"{world}.json"), str(folder / world)]
+                if script in NEEDS_ERM_FOLDER:  # the shared ERM model, trained by the 1-process run if needed
+                    outputs.append(str(folder / "erm"))
+                plan.append([str(scripts / script), *arguments, *outputs])
+            (self.tmp / f"{world}_plan.json").write_text(json.dumps(plan))
+            if self.stopped:
+                return
+            self.process = subprocess.Popen(prefix + [str(scripts / "run_checks.py"), str(self.tmp / f"{world}_plan.json")],
+                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.tmp)
+            try:
+                stdout, stderr = self.process.communicate(timeout=1800)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                stdout, stderr = self.process.communicate()
+            if self.process.returncode != 0:
+                self.error = f"{world} process(es) exited with {self.process.returncode}\n{stdout[-3000:]}{stderr[-5000:]}"
+                return
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that read the distributed checks run last, so that the checks run in the background meanwhile."""
+    items.sort(key=lambda item: "distributed_checks" in getattr(item, "fixturenames", ()))
+
+
+def _help_process() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background(request, tmp_path_factory):
+    """The suite's slow subprocesses, started with the first test when a collected test reads them (so that they
+    overlap the single-process tests): {"distributed": DistributedChecks, "help": `train.py --help`} or None each."""
+    needed = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    started = {"distributed": None, "help": _help_process() if "train_script_help" in needed else None}
+    if "distributed_checks" in needed:
+        request.getfixturevalue("digits")  # caches the benchmark before the checks' processes read it
+        started["distributed"] = DistributedChecks(tmp_path_factory.mktemp("distributed"))
+        started["distributed"].start()
+    yield started
+    if started["distributed"] is not None:
+        started["distributed"].stop()
+    if started["help"] is not None and started["help"].poll() is None:
+        started["help"].kill()
+
+
 @pytest.fixture(scope="session")
-def distributed_checks(tmp_path_factory, digits):  # `digits` caches the benchmark before two processes read it
-    """{check: (1-process output, 2-process output)}: every check of DISTRIBUTED_CHECKS run as one process, then
-    as two under `accelerate launch --multi_gpu` (CPU, gloo; `--cpu --num_processes 2` would silently run one).
-    All checks share one process (one launch): the start-up of a process is about half of a check's time."""
-    tmp = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    scripts = Path(__file__).parent / "scripts"
-    for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
-        plan = []
-        for name, (script, arguments) in DISTRIBUTED_CHECKS.items():
-            folder = tmp / name
-            folder.mkdir(exist_ok=True)
-            outputs = [str(folder / f"{world}.json"), str(folder / world)]
-            if script in NEEDS_ERM_FOLDER:  # the shared ERM model, trained by the 1-process run if needed
-                outputs.append(str(folder / "erm"))
-            plan.append([str(scripts / script), *arguments, *outputs])
-        (tmp / f"{world}_plan.json").write_text(json.dumps(plan))
-        result = subprocess.run(prefix + [str(scripts / "run_checks.py"), str(tmp / f"{world}_plan.json")], env=env,
-                                capture_output=True, text=True, timeout=1800, cwd=tmp)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return {name: tuple(json.loads((tmp / name / f"{world}.json").read_text()) for world in ("one", "two"))
+def distributed_checks(_background):
+    """{check: (1-process output, 2-process output)}, from the background run of every check (DistributedChecks)."""
+    checks = _background["distributed"]
+    checks.join()
+    assert checks.error is None, checks.error
+    return {name: tuple(json.loads((checks.tmp / name / f"{world}.json").read_text()) for world in ("one", "two"))
             for name in DISTRIBUTED_CHECKS}
 
 
 @pytest.fixture(scope="session")
-def train_script_help() -> str:
-    """`python scripts/train.py --help`, run once (a fresh interpreter: the help must not need the heavy imports)."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+def train_script_help(_background) -> str:
+    """`python scripts/train.py --help` (a fresh interpreter: the help must not need the heavy imports), started in
+    the background with the session."""
+    process = _background["help"] or _help_process()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
