@@ -336,6 +336,15 @@ DISTRIBUTED_CHECKS = {
 NEEDS_ERM_FOLDER = ("method_distributed.py", "group_inference_distributed.py")  # scripts given a shared ERM folder
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class DistributedChecks(threading.Thread):
     """Every check of DISTRIBUTED_CHECKS run as one process, then as two under `accelerate launch --multi_gpu` (CPU,
     gloo; `--cpu --num_processes 2` would silently run one), in a background thread: started with the session's
@@ -358,7 +367,9 @@ class DistributedChecks(threading.Thread):
     def _run(self) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         scripts = Path(__file__).parent / "scripts"
-        for world, prefix in (("one", [sys.executable]), ("two", LAUNCH_TWO_PROCESSES)):
+        # (its own free port: a test's launch may run at the same time, on accelerate's default one)
+        two = LAUNCH_TWO_PROCESSES + ["--main_process_port", str(free_port())]
+        for world, prefix in (("one", [sys.executable]), ("two", two)):
             plan = []
             for name, (script, arguments) in DISTRIBUTED_CHECKS.items():
                 folder = self.tmp / name

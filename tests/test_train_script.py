@@ -135,7 +135,8 @@ def test_unknown_config_key(tmp_path, train_script):
 
 
 def test_push_to_hub_offline_saves_then_fails_clearly(tmp_path, train_script, digits):
-    argv = quick(tmp_path, "--max_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits-erm")
+    # (ERM: the push after saving is the script's, whatever the method)
+    argv = quick(tmp_path, "--method", "erm", "--max_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits-erm")
     with pytest.raises(SystemExit, match=r"error: Could not push .* as 'me/digits-erm'"):
         train_script.main(argv)
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "README.md").is_file()
